@@ -1,0 +1,92 @@
+"""Streaming a checkpoint into a model built on the `meta` device, with every key and shape checked first.
+
+A model class is built on `meta` (no memory), a *plan* says where each of its parameters comes from in the file,
+the plan is checked against the file's header (so a wrong file fails before any data is read), and only then are the
+tensors read one by one, converted and moved to the target device. A failure never returns a partial model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one model parameter comes from: one tensor, a concatenation along dim 0, or halves swapped."""
+
+    keys: tuple[str, ...]
+    op: str = "copy"  # "copy" | "cat" | "swap_halves"
+
+    @staticmethod
+    def of(key: str) -> "Source":
+        return Source((key,))
+
+
+Plan = dict[str, Source]
+
+
+def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
+    shapes = [ckpt.shape(k) for k in src.keys]
+    if src.op == "cat":
+        if len({s[1:] for s in shapes}) != 1:
+            raise CheckpointError(ckpt.path, f"tensors {list(src.keys)} cannot be joined: shapes {shapes}")
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return shapes[0]
+
+
+def build_tensor(ckpt: Checkpoint, src: Source) -> torch.Tensor:
+    if src.op == "cat":
+        return torch.cat([ckpt.read(k) for k in src.keys], dim=0)
+    t = ckpt.read(src.keys[0])
+    if src.op == "swap_halves":  # diffusers' AdaLayerNormContinuous stores (scale, shift); BFL stores (shift, scale)
+        a, b = t.chunk(2, dim=0)
+        t = torch.cat([b, a], dim=0)
+    return t
+
+
+def check_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, what: str) -> None:
+    """Every parameter has a source of the right shape, from the header alone."""
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in plan or any(k not in ckpt for k in plan[n].keys)]
+    if missing:
+        found = ", ".join(ckpt.weight_keys()[:4])
+        raise CheckpointError(ckpt.path, f"is not a {what} checkpoint: {len(missing)} of its {len(params)} tensors "
+                                         f"are missing (first: {missing[0]!r}); the file holds {found}, ...",
+                              f"a {what} checkpoint")
+    for name, p in params.items():
+        shape = source_shape(ckpt, plan[name])
+        if tuple(shape) != tuple(p.shape):
+            raise CheckpointError(ckpt.path, f"tensor for '{name}' has shape {list(shape)}", f"{list(p.shape)}")
+
+
+def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32, keep_fp32: Callable[[str], bool] | None = None) -> nn.Module:
+    """Materialise a meta-device `model` from `ckpt` following `plan`, one tensor at a time."""
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        raise CheckpointError(ckpt.path, f"cannot compute in {dtype}", "torch.float32, torch.float16 or torch.bfloat16")
+    check_plan(model, plan, ckpt, what)
+    for name, _ in list(model.named_parameters()):
+        t = build_tensor(ckpt, plan[name])
+        target = torch.float32 if keep_fp32 is not None and keep_fp32(name) else dtype
+        t = t.to(device=device, dtype=target)
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    for name, buf in model.named_buffers():
+        if buf.is_meta:  # models compute derived tables on the fly; a meta buffer here is a bug, not user error
+            raise RuntimeError(f"{type(model).__name__} has an unloaded buffer {name}")
+    return model.eval().requires_grad_(False)
+
+
+def strip_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
+    """The first prefix that every key starts with (e.g. ComfyUI's 'model.diffusion_model.'), or ''."""
+    for p in prefixes:
+        if keys and all(k.startswith(p) for k in keys):
+            return p
+    return ""
