@@ -1,0 +1,83 @@
+"""`load_dit`: load a Flux DiT from any supported checkpoint layout, auto-detected, streamed tensor by tensor."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .config import FluxConfig
+from .dit import FluxDiT
+from .errors import CheckpointError, InputError
+from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
+from .weights import Checkpoint, load_plan
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OTHER_MODELS = {  # marker key -> what the file really is, for a helpful error
+    "encoder.down.0.block.0.conv1.weight": "a Flux VAE (ae.safetensors): load it with the VAE loader",
+    "encoder.down_blocks.0.resnets.0.conv1.weight": "a diffusers VAE",
+    "first_stage_model.encoder.down.0.block.0.conv1.weight": "a Stable Diffusion checkpoint",
+    "model.diffusion_model.input_blocks.0.0.weight": "an SD1/SDXL UNet checkpoint",
+    "input_blocks.0.0.weight": "an SD1/SDXL UNet",
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": "an SDXL checkpoint",
+    "text_model.embeddings.token_embedding.weight": "a CLIP text encoder",
+    "encoder.block.0.layer.0.SelfAttention.q.weight": "a T5 text encoder",
+    "shared.weight": "a T5 text encoder",
+}
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype: torch.dtype | None, precision: str | None, device: torch.device) -> torch.dtype:
+    if precision not in (None, "auto"):
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} (or None)")
+        return PRECISIONS[precision]
+    dtype = dtype or default_dtype(device)
+    if dtype not in PRECISIONS.values():
+        raise InputError(f"unsupported compute dtype {dtype}; expected torch.bfloat16, torch.float16 or torch.float32")
+    return dtype
+
+
+def identify(ckpt: Checkpoint) -> str:
+    keys = set(ckpt.weight_keys())
+    for marker, what in OTHER_MODELS.items():
+        if marker in keys:
+            return what
+    return f"{len(keys)} tensors such as {', '.join(sorted(keys)[:3])}"
+
+
+def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             precision: str | None = None) -> FluxDiT:
+    """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled) or diffusers checkpoint.
+
+    `precision` ("bf16", "fp16", "fp32") overrides `dtype`; fp8-scaled files are dequantised on load.
+    """
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, precision, device)
+    ckpt = Checkpoint(path)
+    found = detect(ckpt.weight_keys())
+    if found is None:
+        raise CheckpointError(ckpt.path, f"is not a Flux DiT checkpoint: it looks like {identify(ckpt)}",
+                              "a FLUX.1 Kontext diffusion model (BFL, ComfyUI fp8_scaled or diffusers layout)")
+    layout, prefix = found
+    config = config_from_shapes(ckpt, layout, prefix)
+    with torch.device("meta"):
+        model = FluxDiT(config)
+    names = [n for n, _ in model.named_parameters()]
+    plan = bfl_plan(names, prefix) if layout == "bfl" else diffusers_plan(config, prefix)
+    unused = set(ckpt.weight_keys()) - {k for src in plan.values() for k in src.keys}
+    if unused:
+        raise CheckpointError(ckpt.path, f"holds {len(unused)} tensors a Flux DiT does not have "
+                                         f"(e.g. {sorted(unused)[0]!r}): a different or modified model?")
+    log.info("loading Flux DiT (%s layout%s, %d+%d blocks, hidden %d) from %s as %s on %s", layout,
+             ", fp8 scaled" if ckpt.is_fp8_scaled else "", config.depth, config.depth_single_blocks,
+             config.hidden_size, ckpt.path, dtype, device)
+    return load_plan(model, plan, ckpt, what="Flux DiT", device=device, dtype=dtype)
+
+
+__all__ = ["load_dit", "FluxConfig"]
