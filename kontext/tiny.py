@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 DIT_NAME = "kontext-tiny.safetensors"
 DIT_FP8_NAME = "kontext-tiny-fp8_scaled.safetensors"
 DIT_DIFFUSERS_NAME = "kontext-tiny-diffusers"
+VAE_NAME = "ae-tiny.safetensors"
+CLIP_NAME = "clip_l-tiny.safetensors"
+T5_NAME = "t5xxl-tiny.safetensors"
 COMFY_PREFIX = "model.diffusion_model."
 
 
@@ -127,6 +130,19 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model into `out_dir` laid out like ComfyUI's `models/` folder; returns the paths by role."""
     models = Path(out_dir)
     models.mkdir(parents=True, exist_ok=True)
+    from .text.clip import write_tiny_clip_l
+    from .text.t5 import write_tiny_t5xxl
+    from .text.tiny_tokenizers import write_tiny_tokenizers
+    from .vae import write_tiny_vae
+
     paths = write_tiny_dit(models, seed)
+    for folder in ("vae", "text_encoders"):
+        (models / folder).mkdir(exist_ok=True)
+    paths["vae"] = write_tiny_vae(models / "vae" / VAE_NAME, seed)
+    paths["clip_l"] = write_tiny_clip_l(models / "text_encoders" / CLIP_NAME, seed)
+    paths["t5xxl"] = write_tiny_t5xxl(models / "text_encoders" / T5_NAME, seed)
+    paths["tokenizers"] = write_tiny_tokenizers(models / "tokenizers")
+    for p in models.rglob("*"):  # safetensors writes 0600; a ComfyUI server may run as another user
+        p.chmod(0o755 if p.is_dir() else 0o644)
     log.info("wrote tiny models to %s", models)
     return paths

@@ -18,10 +18,11 @@ from .checkpoint import Checkpoint
 
 @dataclass(frozen=True)
 class Source:
-    """Where one model parameter comes from: one tensor, a concatenation along dim 0, or halves swapped."""
+    """Where one model parameter comes from: one tensor, a concatenation along dim 0, halves swapped, or a linear
+    weight reshaped to a 1x1 convolution's."""
 
     keys: tuple[str, ...]
-    op: str = "copy"  # "copy" | "cat" | "swap_halves"
+    op: str = "copy"  # "copy" | "cat" | "swap_halves" | "as_conv1x1"
 
     @staticmethod
     def of(key: str) -> "Source":
@@ -37,6 +38,8 @@ def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
         if len({s[1:] for s in shapes}) != 1:
             raise CheckpointError(ckpt.path, f"tensors {list(src.keys)} cannot be joined: shapes {shapes}")
         return (sum(s[0] for s in shapes), *shapes[0][1:])
+    if src.op == "as_conv1x1" and len(shapes[0]) == 2:
+        return (*shapes[0], 1, 1)
     return shapes[0]
 
 
@@ -47,6 +50,8 @@ def build_tensor(ckpt: Checkpoint, src: Source) -> torch.Tensor:
     if src.op == "swap_halves":  # diffusers' AdaLayerNormContinuous stores (scale, shift); BFL stores (shift, scale)
         a, b = t.chunk(2, dim=0)
         t = torch.cat([b, a], dim=0)
+    if src.op == "as_conv1x1" and t.dim() == 2:  # diffusers stores 1x1 convs as nn.Linear: [C_out, C_in] -> [.., 1, 1]
+        t = t.reshape(*t.shape, 1, 1)
     return t
 
 

@@ -1,0 +1,239 @@
+"""The edit: references + instruction -> edited image, equal to diffusers' FluxKontextPipeline for the same inputs.
+
+Three layers, each usable alone (the ComfyUI nodes use the first two):
+- `encode_prompt`: tokenizers + CLIP-L + T5-XXL -> (txt [B, 512, D], pooled [B, 768]);
+- `sample_latent`: DiT + conditioning + raw reference latents -> raw target latent (the rectified-flow loop);
+- `KontextPipeline`: files -> models, PIL in, PIL out, with offloading and a progress callback.
+"Raw" latents are the VAE's own (ComfyUI's LATENT); the 0.3611 scale and 0.1159 shift are applied around the DiT here.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .dit import FluxDiT
+from .errors import InputError
+from .ids import METHODS, image_ids, text_ids
+from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, pack, schedule_for_denoise, unpack
+from .vae import SCALE, SHIFT
+
+log = logging.getLogger(__name__)
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+def to_model_space(raw: torch.Tensor) -> torch.Tensor:
+    return (raw - SHIFT) * SCALE
+
+
+def to_raw(z: torch.Tensor) -> torch.Tensor:
+    return z / SCALE + SHIFT
+
+
+@torch.no_grad()
+def encode_prompt(clip: torch.nn.Module, t5: torch.nn.Module, tokenizers, prompts: str | Sequence[str],
+                  max_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 hidden states [B, max_length, D] (padded, no mask, as Flux was trained) and CLIP's pooled vector [B, 768]."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompt must be a string or a non-empty list of strings")
+    clip_device = next(clip.parameters()).device
+    t5_device = next(t5.parameters()).device
+    _, pooled = clip(tokenizers.clip_ids(prompts).to(clip_device))
+    txt = t5(tokenizers.t5_ids(prompts, max_length=max_length).to(t5_device))
+    return txt, pooled
+
+
+@dataclass
+class _Step:
+    """What the callback needs to show a denoised preview: the last velocity and its sigma."""
+    v: torch.Tensor | None = None
+    sigma: float = 0.0
+
+
+@torch.no_grad()
+def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_latents: Sequence[torch.Tensor] = (),
+                  width: int, height: int, seed: int = 0, steps: int = 28, guidance: float = 2.5,
+                  true_cfg: float = 1.0, neg_txt: torch.Tensor | None = None, neg_pooled: torch.Tensor | None = None,
+                  denoise: float = 1.0, init_latent: torch.Tensor | None = None, reference_method: str = "offset",
+                  callback: Callback | None = None, batch_size: int = 1) -> torch.Tensor:
+    """Run the rectified-flow sampler; returns the raw latent [B, 16, H/8, W/8] (float32, on the DiT's device).
+
+    `ref_latents` are raw VAE latents [1 or B, 16, h, w] of any sizes (multiples of 16 px). Noise is drawn on the CPU
+    from `seed` (same image on any device). `callback(step, total, x0)` gets a raw-space preview of the denoised
+    estimate after each step; an exception it raises (kontext.errors.Cancelled) stops the run.
+    """
+    if width % 16 or height % 16:
+        raise InputError(f"width and height must be multiples of 16, got {width}x{height}")
+    if reference_method not in METHODS:
+        raise InputError(f"reference_method must be one of {METHODS}, got {reference_method!r}")
+    if not 0.0 < denoise <= 1.0:
+        raise InputError(f"denoise must be in (0, 1], got {denoise}")
+    if true_cfg > 1.0 and neg_txt is None:
+        raise InputError("true_cfg > 1 needs a negative prompt")
+    device, B = dit.device, batch_size * txt.shape[0] if txt.shape[0] == 1 else txt.shape[0]
+    h, w = height // 8, width // 8
+
+    # Conditioning, broadcast to the batch.
+    def batched(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device).expand(B, *t.shape[1:]) if t.shape[0] == 1 else t.to(device)
+
+    txt, pooled = batched(txt), batched(pooled)
+    txt_ids = text_ids(txt.shape[1], B).to(device)
+    refs = [batched(to_model_space(r.to(device, torch.float32))) for r in ref_latents]
+    for r in refs:
+        if r.dim() != 4 or r.shape[1] != 16 or r.shape[2] % 2 or r.shape[3] % 2:
+            raise InputError(f"reference latent of shape {list(r.shape)}: expected [B, 16, h, w] with even h, w")
+    ref_tokens = torch.cat([pack(r) for r in refs], dim=1) if refs else None
+    ids = image_ids((h // 2, w // 2), [(r.shape[2] // 2, r.shape[3] // 2) for r in refs], reference_method, B)
+    ids = ids.to(device)
+    g = torch.full((B,), float(guidance), device=device)
+    if neg_txt is not None:
+        neg_txt, neg_pooled = batched(neg_txt), batched(neg_pooled)
+
+    # Schedule (mu from the target tokens only) and the starting point.
+    sigmas = flux_schedule(steps, (h // 2) * (w // 2))
+    noise = noise_latent(seed, B, height, width)
+    if denoise < 1.0:
+        if init_latent is None:
+            raise InputError("denoise < 1 needs an initial latent (image-to-image)")
+        sigmas = schedule_for_denoise(sigmas, denoise)
+        init = to_model_space(init_latent.to(torch.float32).cpu()).expand(B, -1, -1, -1)
+        if init.shape != noise.shape:
+            raise InputError(f"initial latent {list(init_latent.shape)} does not match the output size {width}x{height}")
+        noise = noise_for_denoise(init, noise, float(sigmas[0]))
+    x = pack(noise.to(device))  # [B, N, 64], float32 throughout (the DiT casts to its own dtype)
+    n_target = x.shape[1]
+    last = _Step()
+
+    def predict(tokens: torch.Tensor, cond_txt: torch.Tensor, cond_pooled: torch.Tensor, t: torch.Tensor):
+        img = tokens if ref_tokens is None else torch.cat([tokens, ref_tokens], dim=1)
+        return dit(img, ids, cond_txt, txt_ids, t, cond_pooled, g)[:, :n_target].float()
+
+    def velocity(tokens: torch.Tensor, sigma: float) -> torch.Tensor:
+        # diffusers hands the model float32(sigma * 1000) / 1000; reproduce that rounding for bit-level parity.
+        t = (torch.tensor(sigma, dtype=torch.float32) * 1000 / 1000).expand(B).to(device)
+        v = predict(tokens, txt, pooled, t)
+        if true_cfg > 1.0:
+            v_neg = predict(tokens, neg_txt, neg_pooled, t)
+            v = v_neg + true_cfg * (v - v_neg)
+        last.v, last.sigma = v, sigma
+        return v
+
+    def on_step(i: int, total: int, tokens: torch.Tensor) -> None:
+        if callback is not None:
+            x0 = tokens - float(sigmas[i + 1]) * last.v  # the denoised estimate: the nicest preview
+            callback(i, total, to_raw(unpack(x0, h, w)))
+
+    x = euler_sample(velocity, x, sigmas, on_step)
+    return to_raw(unpack(x, h, w))
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class KontextPipeline:
+    """FLUX.1 Kontext [dev] image editing from the release files, as a plain Python object.
+
+    >>> pipe = KontextPipeline.from_files("flux1-kontext-dev.safetensors", "ae.safetensors", "clip_l.safetensors",
+    ...                                   "t5xxl_fp16.safetensors", device="cuda")
+    >>> image = pipe.edit("make it night", ["photo.jpg"], seed=1)[0]
+    """
+
+    def __init__(self, dit: FluxDiT, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True):
+        self.dit, self.vae, self.clip, self.t5, self.tokenizers = dit, vae, clip, t5, tokenizers
+        self.device = device
+        self.offload = offload
+
+    @classmethod
+    def from_files(cls, dit, vae, clip_l, t5xxl, tokenizers=None, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None, precision: str | None = None,
+                   offload: bool = True) -> "KontextPipeline":
+        """Load every model. With `offload` (the default on GPUs) the text encoders stay in CPU memory and visit the
+        GPU only to encode a prompt, leaving its memory to the 12B DiT."""
+        from .flux_loader import load_dit, resolve_dtype
+        from .text.clip import load_clip_l
+        from .text.t5 import load_t5xxl
+        from .text.tokenizers import load_tokenizers
+        from .vae import load_vae
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = resolve_dtype(dtype, precision, device)
+        offload = offload and device.type != "cpu"
+        text_device = torch.device("cpu") if offload else device
+        text_dtype = dtype if device.type != "cpu" else torch.float32
+        return cls(dit=load_dit(dit, device=device, dtype=dtype),
+                   vae=load_vae(vae, device=device, dtype=dtype),
+                   clip=load_clip_l(clip_l, device=text_device, dtype=text_dtype),
+                   t5=load_t5xxl(t5xxl, device=text_device, dtype=text_dtype),
+                   tokenizers=load_tokenizers(tokenizers), device=device, offload=offload)
+
+    @classmethod
+    def from_models_dir(cls, models, **kwargs) -> "KontextPipeline":
+        """Find the release files (or make-tiny's) in a ComfyUI-style `models/` folder."""
+        from .files import find_model_files
+
+        found = find_model_files(models)
+        return cls.from_files(found["dit"], found["vae"], found["clip_l"], found["t5xxl"],
+                              tokenizers=found.get("tokenizers"), **kwargs)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.offload:
+            self.clip.to(self.device), self.t5.to(self.device)
+        try:
+            txt, pooled = encode_prompt(self.clip, self.t5, self.tokenizers, prompts)
+            return txt.to(self.device), pooled.to(self.device)
+        finally:
+            if self.offload:
+                self.clip.to("cpu"), self.t5.to("cpu")
+                _free(self.device)
+
+    @torch.no_grad()
+    def edit(self, prompt: str, references: Sequence = (), *, seed: int = 0, steps: int = 28, guidance: float = 2.5,
+             width: int | None = None, height: int | None = None, resize_references: bool = True,
+             reference_method: str = "offset", negative_prompt: str | None = None, true_cfg: float = 1.0,
+             denoise: float = 1.0, init_image=None, num_images: int = 1,
+             callback: Callback | None = None) -> list:
+        """Edit `references` (paths, PIL images, arrays) following `prompt`; no references = text to image.
+
+        The output size defaults to the first reference's prepared size; `denoise < 1` starts from `init_image`
+        (default: the first reference) noised to that level instead of from pure noise.
+        """
+        from .references import output_size, prepare_reference, to_pil, to_tensor
+
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        if isinstance(references, (str, bytes)) or not isinstance(references, Sequence):
+            references = [references]
+        prepared = [prepare_reference(r, resize=resize_references) for r in references]
+        w, h = output_size(width, height, prepared[0].size if prepared else None)
+        try:
+            txt, pooled = self.encode([prompt])
+            neg_txt = neg_pooled = None
+            if true_cfg > 1.0:
+                neg_txt, neg_pooled = self.encode([negative_prompt or ""])
+            ref_latents = [self.vae.encode(to_tensor(p).to(self.device)).float() for p in prepared]
+            init_latent = None
+            if denoise < 1.0:
+                src = init_image if init_image is not None else (references[0] if references else None)
+                if src is None:
+                    raise InputError("denoise < 1 needs an init image or a reference to start from")
+                from PIL import Image
+
+                init = prepare_reference(src, resize=False) if init_image is not None else prepared[0]
+                init = init.resize((w, h), Image.Resampling.LANCZOS) if init.size != (w, h) else init
+                init_latent = self.vae.encode(to_tensor(init).to(self.device)).float()
+            latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h, seed=seed,
+                                   steps=steps, guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt,
+                                   neg_pooled=neg_pooled, denoise=denoise, init_latent=init_latent,
+                                   reference_method=reference_method, callback=callback, batch_size=num_images)
+            pixels = self.vae.decode(latent)
+            return to_pil(pixels)
+        finally:
+            _free(self.device)

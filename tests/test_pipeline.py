@@ -1,0 +1,155 @@
+"""The whole edit against diffusers' FluxKontextPipeline built from the same tiny weights, plus pipeline behaviour."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import kontext
+from kontext.errors import Cancelled, InputError
+from kontext.pipeline import KontextPipeline
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_models):
+    return KontextPipeline.from_models_dir(tiny_models["dit"].parents[1], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def theirs(tiny_models, tmp_path_factory):
+    """diffusers' pipeline with the same weights, each component loaded by its own library."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from test_dit import to_diffusers
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from kontext.text.clip import write_tiny_clip_l_diffusers
+    from kontext.text.t5 import write_tiny_t5xxl_diffusers
+    from kontext.vae import write_tiny_vae_diffusers
+
+    tmp = tmp_path_factory.mktemp("diffusers")
+    c = kontext.FluxConfig.tiny()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=c.depth, num_single_layers=c.depth_single_blocks,
+        attention_head_dim=c.head_dim, num_attention_heads=c.num_heads, joint_attention_dim=c.context_in_dim,
+        pooled_projection_dim=c.vec_in_dim, guidance_embeds=True, axes_dims_rope=c.axes_dim)
+    transformer.load_state_dict(to_diffusers({k: v.float() for k, v in load_file(tiny_models["dit"]).items()},
+                                             c.hidden_size))
+    tok = tiny_models["tokenizers"]
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                                                max_shift=1.15, use_dynamic_shifting=True, shift=3.0,
+                                                time_shift_type="exponential")
+    pipe = FluxKontextPipeline(
+        scheduler=scheduler,
+        vae=AutoencoderKL.from_pretrained(write_tiny_vae_diffusers(tmp / "vae")),
+        text_encoder=CLIPTextModel.from_pretrained(write_tiny_clip_l_diffusers(tmp / "text_encoder"),
+                                                   torch_dtype=torch.float32),
+        tokenizer=CLIPTokenizer.from_pretrained(tok / "clip_l"),
+        text_encoder_2=T5EncoderModel.from_pretrained(write_tiny_t5xxl_diffusers(tmp / "text_encoder_2"),
+                                                      torch_dtype=torch.float32),
+        tokenizer_2=T5TokenizerFast.from_pretrained(tok / "t5xxl"),
+        transformer=transformer)
+    return pipe.to(torch.float32)
+
+
+def reference_image(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth, non-square test picture (random noise would make the VAE's job meaningless)."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    rng = np.random.default_rng(seed)
+    phases = rng.uniform(0, 6.28, size=3)
+    rgb = np.stack([np.sin(7 * xx + 3 * yy + p) for p in phases], -1) * 0.5 + 0.5
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+CASES = [  # (prompt, seed, reference size, output size, steps)
+    ("make it night", 0, (160, 96), (128, 112), 4),
+    ("a red car on a beach, photorealistic", 42, (96, 176), (144, 96), 3),
+]
+
+
+@pytest.mark.parametrize("prompt,seed,ref_size,out_size,steps", CASES)
+def test_edit_matches_diffusers(ours, theirs, prompt, seed, ref_size, out_size, steps):
+    ref = reference_image(*ref_size, seed)
+    w, h = out_size
+    a = ours.edit(prompt, [ref], seed=seed, steps=steps, width=w, height=h, resize_references=False)[0]
+    b = theirs(image=ref, prompt=prompt, height=h, width=w, num_inference_steps=steps, guidance_scale=2.5,
+               generator=torch.Generator("cpu").manual_seed(seed), max_area=w * h, _auto_resize=False,
+               max_sequence_length=512, output_type="pil").images[0]
+    assert a.size == b.size == (w, h)
+    diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    # Same fp32 math in a different order: at most a rounding step on a few pixels (the issue allows 2/255).
+    assert diff.max() <= 2, diff.max()
+
+
+def test_same_seed_same_image_and_seed_matters(ours):
+    ref = reference_image(64, 64, 1)
+    a = ours.edit("x", [ref], seed=3, steps=2, width=64, height=64, resize_references=False)[0]
+    b = ours.edit("x", [ref], seed=3, steps=2, width=64, height=64, resize_references=False)[0]
+    c = ours.edit("x", [ref], seed=4, steps=2, width=64, height=64, resize_references=False)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_output_defaults_to_preferred_reference_size(ours, monkeypatch):
+    seen = {}
+    import kontext.pipeline as P
+
+    def spy(*args, **kw):
+        seen.update(width=kw["width"], height=kw["height"], refs=[r.shape for r in kw["ref_latents"]])
+        raise Cancelled("stop after recording")
+
+    monkeypatch.setattr(P, "sample_latent", spy)
+    monkeypatch.setattr(ours.vae, "encode", lambda px: torch.zeros(1, 16, px.shape[2] // 8, px.shape[3] // 8))
+    with pytest.raises(Cancelled):
+        ours.edit("x", [reference_image(300, 200, 0)], steps=1)
+    assert (seen["width"], seen["height"]) == (1248, 832)  # 3:2 -> the nearest preferred resolution
+    assert seen["refs"] == [torch.Size([1, 16, 104, 156])]
+
+
+def test_text_to_image_and_two_references(ours):
+    t2i = ours.edit("a lighthouse", [], seed=1, steps=2, width=96, height=64)[0]
+    assert t2i.size == (96, 64)
+    refs = [reference_image(64, 32, 0), reference_image(32, 64, 1)]
+    for method in ("offset", "index"):
+        out = ours.edit("combine them", refs, seed=1, steps=2, width=64, height=64, resize_references=False,
+                        reference_method=method)[0]
+        assert out.size == (64, 64)
+
+
+def test_true_cfg_and_denoise(ours):
+    ref = reference_image(64, 64, 2)
+    plain = ours.edit("x", [ref], seed=5, steps=2, width=64, height=64, resize_references=False)[0]
+    cfg = ours.edit("x", [ref], seed=5, steps=2, width=64, height=64, resize_references=False, negative_prompt="blurry", true_cfg=3.0)[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(cfg))
+    other = reference_image(64, 64, 9)
+    kw = dict(seed=5, steps=4, width=64, height=64, resize_references=False)
+    light = [np.asarray(ours.edit("x", [ref], denoise=0.25, init_image=i, **kw)[0]) for i in (ref, other)]
+    full = [np.asarray(ours.edit("x", [ref], denoise=1.0, init_image=i, **kw)[0]) for i in (ref, other)]
+    assert not np.array_equal(light[0], light[1])  # image-to-image starts from the init image
+    assert np.array_equal(full[0], full[1])  # full denoise starts from pure noise: the init image is unused
+    assert not np.array_equal(light[0], full[0])
+
+
+def test_cancel_mid_run_stops_within_one_step(ours):
+    calls = []
+
+    def cb(step, total, latent):
+        calls.append(step)
+        assert latent.shape == (1, 16, 8, 8)
+        if step == 1:
+            raise Cancelled("user pressed cancel")
+
+    with pytest.raises(Cancelled):
+        ours.edit("x", [reference_image(64, 64, 0)], steps=10, width=64, height=64, resize_references=False, callback=cb)
+    assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("kw", [dict(steps=0), dict(width=100, height=8), dict(width=8192, height=64),
+                                dict(reference_method="diagonal"), dict(denoise=0.0), dict(denoise=1.5)])
+def test_bad_arguments(ours, kw):
+    with pytest.raises(InputError):
+        ours.edit("x", [reference_image(64, 64, 0)], **{"width": 64, "height": 64, "resize_references": False, **kw})
