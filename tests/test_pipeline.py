@@ -153,3 +153,19 @@ def test_cancel_mid_run_stops_within_one_step(ours):
 def test_bad_arguments(ours, kw):
     with pytest.raises(InputError):
         ours.edit("x", [reference_image(64, 64, 0)], **{"width": 64, "height": 64, "resize_references": False, **kw})
+
+
+def test_real_tokenizers_drive_tiny_encoders(tiny_models):
+    """The tiny encoders keep the real vocabularies, so the release tokenizers can drive the whole tiny edit."""
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "tokenizers"
+    if not (folder / "clip_l").is_dir():
+        pytest.skip(f"real tokenizer files not found at {folder}")
+    found = {k: tiny_models[k] for k in ("dit", "vae", "clip_l", "t5xxl")}
+    pipe = KontextPipeline.from_files(**found, tokenizers=folder, device="cpu")
+    prompt = "Make it night, with a full moon 🌕 and neon signs (夜景)"
+    ids = pipe.tokenizers.t5_ids([prompt])
+    assert ids.max() > 1000  # real vocabulary ids, beyond anything the tiny tokenizer knows
+    out = pipe.edit(prompt, [reference_image(64, 64, 0)], steps=1, width=64, height=64, resize_references=False)[0]
+    assert out.size == (64, 64)
