@@ -70,7 +70,8 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
         model = FluxDiT(config)
     names = [n for n, _ in model.named_parameters()]
     plan = bfl_plan(names, prefix) if layout == "bfl" else diffusers_plan(config, prefix)
-    unused = set(ckpt.weight_keys()) - {k for src in plan.values() for k in src.keys}
+    # With a prefix (an all-in-one checkpoint), tensors outside it belong to other models and are left alone.
+    unused = {k for k in ckpt.weight_keys() if k.startswith(prefix)} - {k for src in plan.values() for k in src.keys}
     if unused:
         raise CheckpointError(ckpt.path, f"holds {len(unused)} tensors a Flux DiT does not have "
                                          f"(e.g. {sorted(unused)[0]!r}): a different or modified model?")

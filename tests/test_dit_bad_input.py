@@ -139,3 +139,37 @@ def test_diffusers_single_file_and_newer_fp8_names(tmp_path, tiny_models):
     for path in (single, newer):
         got = kontext.load_dit(path).state_dict()
         assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_e5m2_fp8_file_dequantises_with_its_scale(tmp_path, tiny_models):
+    sd = load_file(tiny_models["dit_fp8"])
+    expected = {}
+    for k in list(sd):
+        if sd[k].dtype == torch.float8_e4m3fn and sd[k].dim() == 2:
+            w = sd[k].to(torch.float8_e5m2)  # fewer mantissa bits: a different, lossy set of weights
+            sd[k] = w
+            expected[k.removeprefix("model.diffusion_model.")] = w.float() * sd[k.replace(".weight", ".scale_weight")]
+    p = tmp_path / "e5m2.safetensors"
+    save_file(sd, p, metadata={"kontext_config": kontext.FluxConfig.tiny().to_json()})
+    got = kontext.load_dit(p).state_dict()
+    assert expected and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_model_without_guidance_embedding(tmp_path, tiny_models):
+    sd = {k: v for k, v in load_file(tiny_models["dit"]).items() if not k.startswith("guidance_in.")}
+    p = tmp_path / "no-guidance.safetensors"
+    save_file(sd, p)
+    model = kontext.load_dit(p)
+    assert model.config.guidance_embed is False and model.guidance_in is None
+    img, txt = torch.randn(1, 4, 64), torch.randn(1, 3, 64)
+    out = model(img, torch.zeros(1, 4, 3), txt, torch.zeros(1, 3, 3), torch.tensor([0.5]), torch.randn(1, 64))
+    assert out.shape == img.shape and torch.isfinite(out).all()
+
+
+def test_all_in_one_checkpoint_loads_its_dit_part(tmp_path, tiny_models):
+    sd = {"model.diffusion_model." + k: v for k, v in load_file(tiny_models["dit"]).items()}
+    sd.update({"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 16, 3, 3),
+               "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": torch.ones(8)})
+    p = tmp_path / "all-in-one.safetensors"
+    save_file(sd, p)
+    assert kontext.load_dit(p).config.depth == 2
