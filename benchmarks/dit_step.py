@@ -74,8 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg, dtype = SIZES[args.size], DTYPES[args.dtype]
     ours, theirs = build(cfg, args.device, dtype)
-    grid = (args.res // 16, args.res // 16)
-    n = grid[0] * grid[1]
+    grid = (args.res // 8, args.res // 8)  # latent size
+    n = grid[0] * grid[1] // 4
     img = torch.randn(1, 2 * n, cfg.in_channels, device=args.device, dtype=dtype)
     ids = image_ids(grid, [grid]).to(args.device)
     txt = torch.randn(1, 512, cfg.context_in_dim, device=args.device, dtype=dtype)

@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import Cancelled, KontextError
+from .errors import Cancelled, InputError, KontextError
 
 log = logging.getLogger("kontext")
 
@@ -16,8 +16,9 @@ log = logging.getLogger("kontext")
 class ProgressBar:
     """A one-line text progress bar on stderr (no dependency), used as the pipeline's step callback."""
 
-    def __init__(self, label: str = "denoising", stream=sys.stderr):
-        self.label, self.stream, self.start = label, stream, time.perf_counter()
+    def __init__(self, label: str = "denoising", stream=None):
+        # sys.stderr looked up now, not at import: it may have been redirected since (pytest, a host program).
+        self.label, self.stream, self.start = label, stream or sys.stderr, time.perf_counter()
 
     def __call__(self, step: int, total: int, _latent=None) -> None:
         done = step + 1
@@ -64,13 +65,18 @@ def run_edit(args) -> int:
     from .pipeline import KontextPipeline
 
     out: Path = args.out
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name such as {out / 'edited.png'}")
     if out.exists() and not args.overwrite:
         raise KontextError(f"{out} exists; pass --overwrite to replace it")
     if not out.parent.exists():
         raise KontextError(f"output folder {out.parent} does not exist")
     for img in args.image:
-        if not Path(img).is_file():
+        if not Path(img).exists():
             raise KontextError(f"reference image {img} does not exist")
+        if not Path(img).is_file():
+            raise InputError(f"reference image {img} is not a file")
+    check_numbers(args)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
@@ -98,6 +104,19 @@ def run_edit(args) -> int:
     tmp_out.replace(out)
     print(f"wrote {out} ({images[0].width}x{images[0].height}) in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def check_numbers(args) -> None:
+    """Reject impossible numbers before the models load (a minute at full size), not after."""
+    from .references import MAX_SIDE, MIN_SIDE, MULTIPLE
+
+    if args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and not MIN_SIDE <= value // MULTIPLE * MULTIPLE <= MAX_SIDE:
+            raise InputError(f"--{name} {value} is outside the supported {MIN_SIDE}..{MAX_SIDE} "
+                               f"(sizes are floored to multiples of {MULTIPLE})")
 
 
 def add_make_tiny(sub) -> None:

@@ -37,7 +37,7 @@ def _count(keys: list[str], pattern: str) -> int:
 def config_from_shapes(ckpt: Checkpoint, layout: str, prefix: str) -> FluxConfig:
     """Read the architecture off the tensor shapes; RoPE axes from `kontext_config` metadata or BFL's default split."""
     keys = [k[len(prefix):] for k in ckpt.weight_keys() if k.startswith(prefix)]
-    shape = lambda k: ckpt.shape(prefix + k)  # noqa: E731
+    shape = lambda k: ckpt.dims(prefix + k, 1 if k == names["qn"] else 2)  # noqa: E731
     if layout == "bfl":
         names = dict(img="img_in.weight", out="final_layer.linear.weight", vec="vector_in.in_layer.weight",
                      txt="txt_in.weight", qn="double_blocks.0.img_attn.norm.query_norm.scale",

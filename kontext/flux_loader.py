@@ -11,6 +11,8 @@ from .dit import FluxDiT
 from .errors import CheckpointError, InputError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
 from .weights import Checkpoint, load_plan
+from .weights.checkpoint import resolve_model_path
+from .weights.loading import as_device
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def resolve_dtype(dtype: torch.dtype | None, precision: str | None, device: torc
             raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} (or None)")
         return PRECISIONS[precision]
     dtype = dtype or default_dtype(device)
-    if dtype not in PRECISIONS.values():
+    if not isinstance(dtype, torch.dtype) or dtype not in PRECISIONS.values():
         raise InputError(f"unsupported compute dtype {dtype}; expected torch.bfloat16, torch.float16 or torch.float32")
     return dtype
 
@@ -57,9 +59,9 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
     `precision` ("bf16", "fp16", "fp32") overrides `dtype`; fp8-scaled files are dequantised on load.
     """
-    device = torch.device(device)
+    device = as_device(device)
     dtype = resolve_dtype(dtype, precision, device)
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(resolve_model_path(path, "transformer"))
     found = detect(ckpt.weight_keys())
     if found is None:
         raise CheckpointError(ckpt.path, f"is not a Flux DiT checkpoint: it looks like {identify(ckpt)}",

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .dit import FluxDiT
 from .errors import InputError
@@ -49,9 +51,32 @@ def encode_prompt(clip: torch.nn.Module, t5: torch.nn.Module, tokenizers, prompt
 
 @dataclass
 class _Step:
-    """What the callback needs to show a denoised preview: the last velocity and its sigma."""
+    """What the callback needs to show a denoised preview: the last velocity."""
     v: torch.Tensor | None = None
-    sigma: float = 0.0
+
+
+def _number(value: object, name: str, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InputError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _batched(t: torch.Tensor, B: int, name: str, device: torch.device) -> torch.Tensor:
+    """t with batch 1 broadcast to B, or t with batch B; prompts x images order (each prompt's images together)."""
+    if t.shape[0] == B:
+        return t.to(device)
+    if t.shape[0] >= 1 and B % t.shape[0] == 0:
+        return t.to(device).repeat_interleave(B // t.shape[0], dim=0)
+    raise InputError(f"{name} has batch {t.shape[0]}, which does not divide the batch of {B}")
+
+
+def _reference_tokens(raw: torch.Tensor) -> torch.Tensor:
+    """A raw reference latent in model space, padded to whole 2x2 patches (circularly, as ComfyUI pads)."""
+    if raw.dim() != 4 or raw.shape[1] != 16:
+        raise InputError(f"reference latent of shape {list(raw.shape)}: expected [B, 16, h, w]")
+    z = to_model_space(raw.float())
+    pad = (0, raw.shape[3] % 2, 0, raw.shape[2] % 2)
+    return F.pad(z, pad, mode="circular") if any(pad) else z
 
 
 @torch.no_grad()
@@ -62,37 +87,38 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
                   callback: Callback | None = None, batch_size: int = 1) -> torch.Tensor:
     """Run the rectified-flow sampler; returns the raw latent [B, 16, H/8, W/8] (float32, on the DiT's device).
 
-    `ref_latents` are raw VAE latents [1 or B, 16, h, w] of any sizes (multiples of 16 px). Noise is drawn on the CPU
-    from `seed` (same image on any device). `callback(step, total, x0)` gets a raw-space preview of the denoised
-    estimate after each step; an exception it raises (kontext.errors.Cancelled) stops the run.
+    B = prompts x batch_size (each prompt's images together, as diffusers orders them). `ref_latents` are raw VAE
+    latents [1 or B, 16, h, w] of any sizes (odd sides are padded, as ComfyUI does). Noise is drawn on the CPU from
+    `seed` (same image on any device). `callback(step, total, x0)` gets a raw-space preview of the denoised estimate
+    after each step; an exception it raises (kontext.errors.Cancelled) stops the run.
     """
-    if width % 16 or height % 16:
-        raise InputError(f"width and height must be multiples of 16, got {width}x{height}")
+    if isinstance(width, bool) or isinstance(height, bool) or not isinstance(width, int) or \
+            not isinstance(height, int) or width < 16 or height < 16 or width % 16 or height % 16:
+        raise InputError(f"width and height must be positive multiples of 16, got {width}x{height}")
     if reference_method not in METHODS:
         raise InputError(f"reference_method must be one of {METHODS}, got {reference_method!r}")
-    if not 0.0 < denoise <= 1.0:
-        raise InputError(f"denoise must be in (0, 1], got {denoise}")
-    if true_cfg > 1.0 and neg_txt is None:
-        raise InputError("true_cfg > 1 needs a negative prompt")
-    device, B = dit.device, batch_size * txt.shape[0] if txt.shape[0] == 1 else txt.shape[0]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    guidance = _number(guidance, "guidance", 0.0, 1000.0)
+    true_cfg = _number(true_cfg, "true_cfg", 0.0, 1000.0)
+    denoise = _number(denoise, "denoise", 0.0, 1.0)
+    if denoise == 0.0:
+        raise InputError("denoise must be above 0 (0 would return the input unchanged)")
+    if callback is not None and not callable(callback):
+        raise InputError(f"callback must be callable, got {type(callback).__name__}")
+    if true_cfg > 1.0 and (neg_txt is None or neg_pooled is None):
+        raise InputError("true_cfg > 1 needs a negative conditioning (neg_txt and neg_pooled)")
+    device, B = dit.device, txt.shape[0] * batch_size
     h, w = height // 8, width // 8
 
-    # Conditioning, broadcast to the batch.
-    def batched(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device).expand(B, *t.shape[1:]) if t.shape[0] == 1 else t.to(device)
-
-    txt, pooled = batched(txt), batched(pooled)
+    txt, pooled = _batched(txt, B, "txt", device), _batched(pooled, B, "pooled", device)
     txt_ids = text_ids(txt.shape[1], B).to(device)
-    refs = [batched(to_model_space(r.to(device, torch.float32))) for r in ref_latents]
-    for r in refs:
-        if r.dim() != 4 or r.shape[1] != 16 or r.shape[2] % 2 or r.shape[3] % 2:
-            raise InputError(f"reference latent of shape {list(r.shape)}: expected [B, 16, h, w] with even h, w")
+    refs = [_batched(_reference_tokens(r), B, "reference latent", device) for r in ref_latents]
     ref_tokens = torch.cat([pack(r) for r in refs], dim=1) if refs else None
-    ids = image_ids((h // 2, w // 2), [(r.shape[2] // 2, r.shape[3] // 2) for r in refs], reference_method, B)
-    ids = ids.to(device)
-    g = torch.full((B,), float(guidance), device=device)
-    if neg_txt is not None:
-        neg_txt, neg_pooled = batched(neg_txt), batched(neg_pooled)
+    ids = image_ids((h, w), [tuple(r.shape[2:]) for r in ref_latents], reference_method, B).to(device)
+    g = torch.full((B,), guidance, device=device)
+    if true_cfg > 1.0:
+        neg_txt, neg_pooled = _batched(neg_txt, B, "neg_txt", device), _batched(neg_pooled, B, "neg_pooled", device)
 
     # Schedule (mu from the target tokens only) and the starting point.
     sigmas = flux_schedule(steps, (h // 2) * (w // 2))
@@ -100,10 +126,11 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
     if denoise < 1.0:
         if init_latent is None:
             raise InputError("denoise < 1 needs an initial latent (image-to-image)")
+        if init_latent.dim() != 4 or tuple(init_latent.shape[1:]) != (16, h, w):
+            raise InputError(f"initial latent {list(init_latent.shape)} does not match the output size "
+                             f"{width}x{height}: expected [B, 16, {h}, {w}]")
         sigmas = schedule_for_denoise(sigmas, denoise)
-        init = to_model_space(init_latent.to(torch.float32).cpu()).expand(B, -1, -1, -1)
-        if init.shape != noise.shape:
-            raise InputError(f"initial latent {list(init_latent.shape)} does not match the output size {width}x{height}")
+        init = _batched(to_model_space(init_latent.float().cpu()), B, "initial latent", torch.device("cpu"))
         noise = noise_for_denoise(init, noise, float(sigmas[0]))
     x = pack(noise.to(device))  # [B, N, 64], float32 throughout (the DiT casts to its own dtype)
     n_target = x.shape[1]
@@ -120,7 +147,7 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
         if true_cfg > 1.0:
             v_neg = predict(tokens, neg_txt, neg_pooled, t)
             v = v_neg + true_cfg * (v - v_neg)
-        last.v, last.sigma = v, sigma
+        last.v = v
         return v
 
     def on_step(i: int, total: int, tokens: torch.Tensor) -> None:
@@ -133,8 +160,10 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    # Only CUDA's caching allocator keeps freed blocks from other users; on the CPU a full gc.collect() frees
+    # nothing of use and costs ~0.2 s an edit (most of a tiny-model edit).
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -209,6 +238,7 @@ class KontextPipeline:
 
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        true_cfg, denoise = _number(true_cfg, "true_cfg", 0.0, 1000.0), _number(denoise, "denoise", 0.0, 1.0)
         if isinstance(references, (str, bytes)) or not isinstance(references, Sequence):
             references = [references]
         prepared = [prepare_reference(r, resize=resize_references) for r in references]
@@ -216,8 +246,13 @@ class KontextPipeline:
         try:
             txt, pooled = self.encode([prompt])
             neg_txt = neg_pooled = None
+            if true_cfg > 1.0 and negative_prompt is None:
+                # diffusers runs true CFG only with a negative prompt; say so rather than silently ignore it.
+                log.warning("true_cfg=%s has no effect without a negative prompt (pass negative_prompt='' to "
+                            "guide away from the empty prompt)", true_cfg)
+                true_cfg = 1.0
             if true_cfg > 1.0:
-                neg_txt, neg_pooled = self.encode([negative_prompt or ""])
+                neg_txt, neg_pooled = self.encode([negative_prompt])
             ref_latents = [self.vae.encode(to_tensor(p).to(self.device)).float() for p in prepared]
             init_latent = None
             if denoise < 1.0:

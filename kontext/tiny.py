@@ -56,7 +56,8 @@ def tiny_dit_state(config: FluxConfig, seed: int = 0) -> dict[str, torch.Tensor]
 
 def fp8_scaled_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI's fp8_scaled layout: prefixed keys, fp8 matrices with `scale_weight`, a `scaled_fp8` marker."""
-    out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    # The marker sits under the model prefix, as in ComfyUI's own files (it looks up f"{prefix}scaled_fp8").
+    out: dict[str, torch.Tensor] = {COMFY_PREFIX + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for name, t in state.items():
         if t.dim() == 2:
             w8, scale = fp8_representable(t.float())

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import CheckpointError, InputError
 from .weights import Checkpoint, Plan, Source, load_plan
+from .weights.checkpoint import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def _config(ckpt: Checkpoint, key: Callable[[str], str], levels: int, blocks: in
     def shape(name: str) -> tuple[int, ...]:
         if key(name) not in ckpt:
             raise CheckpointError(ckpt.path, f"VAE tensor '{key(name)}' is missing", EXPECTED)
-        return ckpt.shape(key(name))
+        return ckpt.dims(key(name), 4)  # every tensor read here is a conv kernel
 
     conv_in, dec_in = shape("encoder.conv_in.weight"), shape("decoder.conv_in.weight")
     ch, z = conv_in[0], dec_in[1]
@@ -297,10 +298,7 @@ def _config(ckpt: Checkpoint, key: Callable[[str], str], levels: int, blocks: in
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> AutoEncoder:
     """Load a Flux VAE from BFL's ae.safetensors (optionally prefixed, as in bundles) or diffusers' vae/ layout."""
-    path = Path(path).expanduser()
-    if path.is_dir() and not any(path.glob("*.safetensors")) and (path / "vae").is_dir():
-        path = path / "vae"  # the root of a diffusers repo
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(resolve_model_path(path, "vae"))
     prefix = _find_prefix(ckpt)
     layout, levels, blocks = _layout(ckpt, prefix)
 

@@ -101,9 +101,9 @@ def reference_model(bfl_file) -> torch.nn.Module:
 
 def inputs(n_refs: int, seed: int = 0, batch: int = 1):
     g = torch.Generator().manual_seed(seed)
-    target = (4, 6)  # token grid (rows, cols) of a 64x96 px target
-    refs = [(6, 4), (4, 4)][:n_refs]
-    n = sum(h * w for h, w in [target, *refs])
+    target = (8, 12)  # latent size (rows, cols) of a 64x96 px target: a 4x6 token grid
+    refs = [(12, 8), (8, 8)][:n_refs]
+    n = sum(h * w // 4 for h, w in [target, *refs])
     img = torch.randn(batch, n, 64, generator=g)
     txt = torch.randn(batch, 7, 64, generator=g)
     y = torch.randn(batch, 64, generator=g)
@@ -151,7 +151,7 @@ def test_batch_items_are_independent(tiny_models):
 
 
 def test_offset_ids_place_references_on_one_canvas():
-    a, b, c = reference_ids([(4, 6), (4, 6), (2, 2)], "offset")
+    a, b, c = reference_ids([(8, 12), (8, 12), (4, 4)], "offset")  # latent sizes: 4x6, 4x6, 2x2 token grids
     assert (a[:, 0] == 1).all() and (b[:, 0] == 1).all() and (c[:, 0] == 1).all()
     # First at the origin; the canvas (4x6) is wider than tall, so the second goes below, the third to the right.
     assert a[:, 1:].min(0).values.tolist() == [0, 0] and a[:, 1:].max(0).values.tolist() == [3, 5]
@@ -162,19 +162,41 @@ def test_offset_ids_place_references_on_one_canvas():
 
 
 def test_offset_ids_two_references_tall_go_right():
-    a, b = reference_ids([(6, 4), (6, 4)], "offset")
+    a, b = reference_ids([(12, 8), (12, 8)], "offset")
     assert b[:, 1:].min(0).values.tolist() == [0, 4]
 
 
+def comfyui_offsets(sizes):
+    """ComfyUI's placement loop (comfy/ldm/flux/model.py), restated: latent-pixel canvas, offsets rounded by patch."""
+    h = w = 0
+    out = []
+    for rh, rw in sizes:
+        h_off = w_off = 0
+        if rh + h > rw + w:
+            w_off = w
+        else:
+            h_off = h
+        out.append(((h_off + 1) // 2, (w_off + 1) // 2, (rh + 1) // 2, (rw + 1) // 2))
+        h, w = max(h, rh + h_off), max(w, rw + w_off)
+    return out
+
+
+def test_offset_ids_with_odd_latents_match_comfyui_rounding():
+    sizes = [(125, 125), (63, 101), (77, 30)]  # e.g. ComfyUI's VAEEncode of a 1000x1000 image gives 125x125
+    for ids, (h_off, w_off, gh, gw) in zip(reference_ids(sizes, "offset"), comfyui_offsets(sizes)):
+        assert ids.shape == (gh * gw, 3)
+        assert ids[:, 1:].min(0).values.tolist() == [h_off, w_off]
+
+
 def test_index_ids_count_up_at_origin():
-    refs = reference_ids([(2, 3), (3, 2), (2, 2)], "index")
+    refs = reference_ids([(4, 6), (6, 4), (4, 4)], "index")
     for k, ids in enumerate(refs, start=1):
         assert (ids[:, 0] == k).all() and ids[:, 1:].min().item() == 0
     assert refs[0].tolist()[:4] == [[1, 0, 0], [1, 0, 1], [1, 0, 2], [1, 1, 0]]
 
 
 def test_target_ids_and_text_ids():
-    ids = image_ids((2, 3), [(1, 1)], batch=2)
+    ids = image_ids((4, 6), [(2, 2)], batch=2)
     assert ids.shape == (2, 7, 3) and (ids[:, :6, 0] == 0).all() and (ids[:, 6] == torch.tensor([1.0, 0, 0])).all()
     assert text_ids(5, 2).abs().sum() == 0
 

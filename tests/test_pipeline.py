@@ -169,3 +169,51 @@ def test_real_tokenizers_drive_tiny_encoders(tiny_models):
     assert ids.max() > 1000  # real vocabulary ids, beyond anything the tiny tokenizer knows
     out = pipe.edit(prompt, [reference_image(64, 64, 0)], steps=1, width=64, height=64, resize_references=False)[0]
     assert out.size == (64, 64)
+
+
+def test_num_images_matches_diffusers(ours, theirs):
+    ref = reference_image(80, 64, 3)
+    a = ours.edit("two of them", [ref], seed=7, steps=2, width=80, height=64, resize_references=False, num_images=2)
+    b = theirs(image=ref, prompt="two of them", height=64, width=80, num_inference_steps=2, guidance_scale=2.5,
+               generator=torch.Generator("cpu").manual_seed(7), max_area=80 * 64, _auto_resize=False,
+               num_images_per_prompt=2, output_type="pil").images
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max() <= 2
+
+
+def test_true_cfg_without_negative_prompt_is_plain_guidance_like_diffusers(ours, caplog):
+    ref = reference_image(64, 64, 2)
+    kw = dict(seed=1, steps=2, width=64, height=64, resize_references=False)
+    plain = np.asarray(ours.edit("x", [ref], **kw)[0])
+    with caplog.at_level("WARNING"):
+        ignored = np.asarray(ours.edit("x", [ref], true_cfg=3.0, **kw)[0])
+    assert np.array_equal(plain, ignored) and "negative prompt" in caplog.text
+    empty_negative = np.asarray(ours.edit("x", [ref], true_cfg=3.0, negative_prompt="", **kw)[0])
+    assert not np.array_equal(plain, empty_negative)
+
+
+def test_sample_latent_batches_and_odd_reference_latents(ours):
+    from kontext.pipeline import sample_latent
+
+    txt, pooled = ours.encode(["a", "b"])
+    odd = torch.randn(1, 16, 9, 7)  # e.g. ComfyUI's VAEEncode of a 72x56 image: padded like ComfyUI pads
+    out = sample_latent(ours.dit, txt, pooled, ref_latents=[odd, torch.randn(2, 16, 8, 8)], width=64, height=32,
+                        steps=1, batch_size=2)
+    assert out.shape == (4, 16, 4, 8) and torch.isfinite(out).all()
+    with pytest.raises(InputError, match="batch"):
+        sample_latent(ours.dit, txt, pooled[:1].repeat(3, 1), width=64, height=32, steps=1)
+
+
+@pytest.mark.parametrize("kw", [dict(guidance=None), dict(guidance=float("nan")), dict(true_cfg="2"),
+                                dict(denoise="0.5"), dict(batch_size=2.0), dict(batch_size=0), dict(callback=5)])
+def test_sample_latent_rejects_bad_arguments(ours, kw):
+    from kontext.pipeline import sample_latent
+
+    txt, pooled = ours.encode(["a"])
+    with pytest.raises(InputError):
+        sample_latent(ours.dit, txt, pooled, width=64, height=32, steps=1, **kw)
+
+
+def test_prompt_with_a_lone_surrogate(ours):
+    assert ours.tokenizers.clip_ids("broken emoji \ud83d here").shape == (1, 77)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..weights.checkpoint import Checkpoint
+from ..weights.checkpoint import Checkpoint, resolve_model_path
 from ..weights.loading import Plan, Source, load_plan
 
 log = logging.getLogger(__name__)
@@ -157,12 +157,6 @@ def check_ids(ids: torch.Tensor, vocab: int, max_len: int | None, what: str) -> 
 
 # ---- shared by the CLIP and T5 loaders ----
 
-def resolve_folder(path: str | Path, sub: str) -> Path:
-    """A diffusers repository root stands for its `sub` folder (text_encoder/ or text_encoder_2/)."""
-    p = Path(path).expanduser()
-    return p / sub if p.is_dir() and (p / sub).is_dir() else p
-
-
 def guess_kind(keys: list[str]) -> str:
     """What a checkpoint looks like from its tensor names, for error messages."""
     def has(s: str) -> bool:
@@ -214,7 +208,7 @@ CLIP_EXPECTED = "clip_l.safetensors (transformers CLIPTextModel layout) or a dif
 def clip_config_and_plan(ckpt: Checkpoint) -> tuple[CLIPConfig, Plan]:
     """Config from the file's shapes (and config.json where present) and where each parameter comes from."""
     p = find_prefix(ckpt, "embeddings.token_embedding.weight", "a CLIP text encoder", CLIP_EXPECTED)
-    vocab, hidden = ckpt.shape(p + "embeddings.token_embedding.weight")
+    vocab, hidden = ckpt.dims(p + "embeddings.token_embedding.weight", 2)
     fc1 = p + "encoder.layers.0.mlp.fc1.weight"
     pos = p + "embeddings.position_embedding.weight"
     if fc1 not in ckpt or pos not in ckpt:
@@ -224,9 +218,9 @@ def clip_config_and_plan(ckpt: Checkpoint) -> tuple[CLIPConfig, Plan]:
     # Real CLIP text towers all use 64-wide heads (ViT-L 12, ViT-H 16, bigG 20); tiny files say so in their config.
     heads = int(hf.get("num_attention_heads", max(1, hidden // 64)))
     eos = int(hf.get("eos_token_id", 2))
-    cfg = CLIPConfig(vocab_size=vocab, hidden=hidden, heads=heads, intermediate=ckpt.shape(fc1)[0],
+    cfg = CLIPConfig(vocab_size=vocab, hidden=hidden, heads=heads, intermediate=ckpt.dims(fc1, 2)[0],
                      layers=count_layers(ckpt.weight_keys(), re.escape(p) + r"encoder\.layers\.(\d+)\."),
-                     positions=ckpt.shape(pos)[0], act=str(hf.get("hidden_act", "quick_gelu")),
+                     positions=ckpt.dims(pos, 2)[0], act=str(hf.get("hidden_act", "quick_gelu")),
                      eps=float(hf.get("layer_norm_eps", 1e-5)),
                      eos_id=eos if eos != 2 else vocab - 1)  # legacy eos 2 means "the largest id": <|endoftext|>
     if cfg.act not in ACTIVATIONS or hidden % heads:
@@ -243,7 +237,7 @@ def load_clip_l(path: str | Path, device: torch.device | str = "cpu", dtype: tor
 
     Extra tensors of some releases (text_projection.weight, logit_scale, position_ids) are ignored.
     """
-    ckpt = Checkpoint(resolve_folder(path, "text_encoder"))
+    ckpt = Checkpoint(resolve_model_path(path, "text_encoder"))
     cfg, plan = clip_config_and_plan(ckpt)
     with torch.device("meta"):
         model = CLIPText(cfg)

@@ -22,7 +22,8 @@ from torch import nn
 from ..errors import CheckpointError
 from ..weights.checkpoint import Checkpoint
 from ..weights.loading import Plan, Source, load_plan
-from .clip import check_ids, count_layers, find_prefix, hf_config, resolve_folder
+from ..weights.checkpoint import resolve_model_path
+from .clip import check_ids, count_layers, find_prefix, hf_config
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,13 @@ def t5_config_and_plan(ckpt: Checkpoint) -> tuple[T5Config, Plan]:
             raise CheckpointError(ckpt.path, f"T5 checkpoint with {why}", T5_EXPECTED)
     if p + "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight" in ckpt:
         raise CheckpointError(ckpt.path, "UMT5 (a position bias in every block) is not supported", T5_EXPECTED)
-    buckets, heads = ckpt.shape(table)
-    inner, d_model = ckpt.shape(p + ATTN0 + "q.weight")
+    buckets, heads = ckpt.dims(table, 2)
+    inner, d_model = ckpt.dims(p + ATTN0 + "q.weight", 2)
     if inner % heads:
         raise CheckpointError(ckpt.path, f"q projection of width {inner} does not split into {heads} heads")
     hf = hf_config(ckpt)
-    cfg = T5Config(vocab_size=ckpt.shape(emb)[0], d_model=d_model, d_kv=inner // heads, heads=heads,
-                   d_ff=ckpt.shape(wi_0)[0], buckets=buckets,
+    cfg = T5Config(vocab_size=ckpt.dims(emb, 2)[0], d_model=d_model, d_kv=inner // heads, heads=heads,
+                   d_ff=ckpt.dims(wi_0, 2)[0], buckets=buckets,
                    layers=count_layers(ckpt.weight_keys(), re.escape(p) + r"encoder\.block\.(\d+)\."),
                    max_distance=int(hf.get("relative_attention_max_distance", 128)),
                    eps=float(hf.get("layer_norm_epsilon", 1e-6)))
@@ -231,7 +232,7 @@ def load_t5xxl(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     Tensors stream one at a time; fp8 weights are dequantised with their per-layer scales on the way in.
     Decoder tensors of a full T5 file are ignored.
     """
-    ckpt = Checkpoint(resolve_folder(path, "text_encoder_2"))
+    ckpt = Checkpoint(resolve_model_path(path, "text_encoder_2"))
     cfg, plan = t5_config_and_plan(ckpt)
     with torch.device("meta"):
         model = T5Encoder(cfg)

@@ -291,10 +291,11 @@ def _added_token(entry: dict) -> AddedToken:
 
 def _as_prompt_list(prompts: list[str] | str) -> list[str]:
     if isinstance(prompts, str):
-        return [prompts]
+        prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InputError(f"prompts must be a string or a non-empty list of strings, got {type(prompts).__name__}")
     bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
     if bad:
         raise InputError(f"every prompt must be a string, got {', '.join(sorted(set(bad)))}")
-    return list(prompts)
+    # A lone surrogate (a broken emoji escape in JSON, e.g. from ComfyUI's API) cannot be encoded: make it U+FFFD.
+    return [p.encode("utf-8", "replace").decode("utf-8") for p in prompts]

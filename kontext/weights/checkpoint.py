@@ -32,7 +32,11 @@ MAX_HEADER = 256 * 1024 * 1024  # a real header of 1000s of tensors is < 1 MB; a
 # Auxiliary tensors of ComfyUI's fp8 "scaled" layouts: they describe a weight rather than being one.
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 AUX_SUFFIXES = SCALE_SUFFIXES + (".scale_input", ".input_scale", ".comfy_quant", ".weight_scale_2")
-AUX_KEYS = {"scaled_fp8"}
+AUX_KEYS = ("scaled_fp8",)  # the marker, bare or under the model's prefix ("model.diffusion_model.scaled_fp8")
+
+
+def _is_aux(key: str) -> bool:
+    return key in AUX_KEYS or key.endswith(AUX_SUFFIXES) or key.endswith(tuple("." + k for k in AUX_KEYS))
 
 
 @dataclass(frozen=True)
@@ -66,29 +70,48 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointError(path, "not a safetensors file (its header is not JSON)", "a .safetensors file") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "damaged header: '__metadata__' is not a mapping")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
-    data_end = 0
+    spans = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (a, b) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(path, f"damaged header entry for tensor '{name}'") from None
-        if dtype not in DTYPES:
-            raise CheckpointError(path, f"tensor '{name}' has unsupported dtype {dtype}",
-                                  "one of " + ", ".join(DTYPES))
+        dtype, shape, a, b = _entry(path, name, entry)
         itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        if b - a != math.prod(shape) * itemsize or a < 0:
+        if b - a != math.prod(shape) * itemsize:
             raise CheckpointError(path, f"damaged header: tensor '{name}' spans {b - a} bytes for shape {list(shape)}")
         infos[name] = TensorInfo(dtype, shape, path, base + a, base + b)
-        data_end = max(data_end, b)
+        spans.append((a, b, name))
+    # Tensors must tile the data area without overlapping (as the safetensors format requires).
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(path, f"damaged header: tensors '{first}' and '{second}' overlap")
+    data_end = spans[-1][1] if spans else 0
     if base + data_end > size:
         raise CheckpointError(path, f"truncated: the file has {size} bytes but its header describes {base + data_end}"
                                     " (an interrupted download or copy?)")
     return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, every field type-checked."""
+    ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+    offsets = entry.get("data_offsets") if ok else None
+    ok = ok and all(_is_count(s) for s in entry["shape"]) and isinstance(offsets, list) and len(offsets) == 2
+    if not ok or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise CheckpointError(path, f"damaged header entry for tensor '{name}'")
+    if entry["dtype"] not in DTYPES:
+        raise CheckpointError(path, f"tensor '{name}' has unsupported dtype {entry['dtype']}",
+                              "one of " + ", ".join(DTYPES))
+    return entry["dtype"], tuple(entry["shape"]), offsets[0], offsets[1]
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -97,22 +120,48 @@ def shard_files(folder: Path) -> list[Path]:
     if indexes:
         try:
             weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise CheckpointError(indexes[0], "damaged index file (no 'weight_map')") from None
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
+            names = set(weight_map.values())
+            if not all(isinstance(f, str) for f in names):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise CheckpointError(indexes[0], "damaged index file (no valid 'weight_map')") from None
+        files = sorted(folder / f for f in names)
+        outside = [f for f in names if Path(f).name != f]
+        if outside:
+            raise CheckpointError(indexes[0], f"names a shard outside its folder: {outside[0]!r}")
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(folder, f"shard(s) named by {indexes[0].name} are missing: {', '.join(missing)}")
         return files
     return sorted(folder.glob("*.safetensors"))
 
 
+def resolve_model_path(path: object, sub: str) -> Path:
+    """`path` as a Path; a folder holding a `sub/` folder (a diffusers repository root) stands for that folder
+    (transformer/, vae/, text_encoder/, text_encoder_2/)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(repr(path), "is not a path", "a .safetensors file or a folder of them")
+    p = Path(path).expanduser()
+    try:
+        if p.is_dir() and (p / sub).is_dir():
+            return p / sub
+    except OSError:
+        pass  # unusable path: Checkpoint says why
+    return p
+
+
 class Checkpoint:
     """The tensors of one safetensors file or of a folder of shards, read lazily and validated up front."""
 
     def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise CheckpointError(repr(path), "is not a path", "a .safetensors file or a folder of them")
         self.path = Path(path).expanduser()
-        if not self.path.exists():
+        try:
+            exists = self.path.exists()
+        except OSError as exc:  # e.g. a name too long for the file system
+            raise CheckpointError(self.path, f"cannot be accessed: {exc.strerror or exc}") from None
+        if not exists:
             raise CheckpointError(self.path, "no such file or folder")
         if self.path.is_dir():
             self.files = shard_files(self.path)
@@ -124,17 +173,24 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         for f in self.files:
             infos, meta = read_header(f)
+            clash = next((k for k in infos if k in self.infos), None)
+            if clash is not None:  # e.g. a folder holding two different checkpoints: never mix them silently
+                raise CheckpointError(self.path, f"tensor '{clash}' is in both {self.infos[clash].file.name} and "
+                                                 f"{f.name}: the folder holds more than one model; pass one file")
             self.infos.update(infos)
             self.metadata = self.metadata or meta
         if not self.infos:
             raise CheckpointError(self.path, "holds no tensors")
+        self.check_quantization()
         self.config: dict = {}
         cfg = self.path / "config.json" if self.path.is_dir() else None
         if cfg is not None and cfg.exists():
             try:
                 self.config = json.loads(cfg.read_text())
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise CheckpointError(cfg, "config.json is not valid JSON") from None
+            if not isinstance(self.config, dict):
+                raise CheckpointError(cfg, "config.json does not hold a JSON object")
 
     # ---- inspection (header only, no tensor data is read) ----
     def keys(self) -> list[str]:
@@ -142,7 +198,7 @@ class Checkpoint:
 
     def weight_keys(self) -> list[str]:
         """Keys that are model tensors, without the scale tensors and markers of fp8-scaled layouts."""
-        return [k for k in self.infos if k not in AUX_KEYS and not k.endswith(AUX_SUFFIXES)]
+        return [k for k in self.infos if not _is_aux(k)]
 
     def __contains__(self, key: str) -> bool:
         return key in self.infos
@@ -150,12 +206,46 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.infos[key].shape
 
+    def dims(self, key: str, ndim: int) -> tuple[int, ...]:
+        """The shape of `key`, checked to have `ndim` non-empty dimensions (configs are read off these)."""
+        shape = self.infos[key].shape
+        if len(shape) != ndim or not all(shape):
+            raise CheckpointError(self.path, f"tensor '{key}' has shape {list(shape)}",
+                                  f"a {ndim}-dimensional tensor with no empty dimension")
+        return shape
+
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES[self.infos[key].dtype]
 
     @property
     def is_fp8_scaled(self) -> bool:
-        return "scaled_fp8" in self.infos or any(k.endswith(SCALE_SUFFIXES) for k in self.infos)
+        return any(_is_aux(k) for k in self.infos)
+
+    def check_quantization(self) -> None:
+        """Refuse, up front, quantised layouts we would otherwise misread (int8, fp4, block-scaled formats)."""
+        for key in self.infos:
+            if key.endswith(".comfy_quant"):
+                fmt = self._comfy_quant_format(key)
+                if "float8" not in fmt:
+                    raise CheckpointError(self.path, f"layer '{key[:-len('.comfy_quant')]}' uses the quantisation "
+                                                     f"format {fmt!r}, which is not supported",
+                                          "bf16/fp16/fp32 or fp8 (e4m3fn, e5m2) weights")
+            sk = self.scale_key(key)
+            if sk is None:
+                continue
+            if self.dtype(key) not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise CheckpointError(self.path, f"'{key}' is stored as {self.infos[key].dtype} with a scale: this "
+                                                 "quantisation format is not supported", "scaled fp8 weights")
+            n, shape = math.prod(self.shape(sk)), self.shape(key)
+            if n != 1 and (not shape or n != shape[0]):
+                raise CheckpointError(self.path, f"scale '{sk}' of shape {list(self.shape(sk))} does not fit weight "
+                                                 f"'{key}' of shape {list(shape)}", "one scale, or one per row")
+
+    def _comfy_quant_format(self, key: str) -> str:
+        try:
+            return str(json.loads(self.raw(key).numpy().tobytes().decode("utf-8")).get("format", "?"))
+        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+            raise CheckpointError(self.path, f"'{key}' is not a readable quantisation description") from None
 
     def scale_key(self, key: str) -> str | None:
         """The per-layer scale of an fp8 weight `key`, if the file stores one."""

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from .checkpoint import Checkpoint
 
 
@@ -65,6 +65,10 @@ def check_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, what: str) -> Non
                                          f"are missing (first: {missing[0]!r}); the file holds {found}, ...",
                               f"a {what} checkpoint")
     for name, p in params.items():
+        stored = [ckpt.dtype(k) for k in plan[name].keys]
+        bad = next((d for d in stored if not d.is_floating_point), None)
+        if bad is not None:
+            raise CheckpointError(ckpt.path, f"tensor for '{name}' is stored as {bad}", "floating-point weights")
         shape = source_shape(ckpt, plan[name])
         if tuple(shape) != tuple(p.shape):
             raise CheckpointError(ckpt.path, f"tensor for '{name}' has shape {list(shape)}", f"{list(p.shape)}")
@@ -73,8 +77,9 @@ def check_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, what: str) -> Non
 def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, keep_fp32: Callable[[str], bool] | None = None) -> nn.Module:
     """Materialise a meta-device `model` from `ckpt` following `plan`, one tensor at a time."""
-    if not dtype.is_floating_point or dtype.itemsize < 2:
-        raise CheckpointError(ckpt.path, f"cannot compute in {dtype}", "torch.float32, torch.float16 or torch.bfloat16")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise InputError(f"cannot compute in {dtype!r}: expected torch.float32, torch.float16 or torch.bfloat16")
+    device = as_device(device)
     check_plan(model, plan, ckpt, what)
     for name, _ in list(model.named_parameters()):
         t = build_tensor(ckpt, plan[name])
@@ -87,6 +92,18 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
         if buf.is_meta:  # models compute derived tables on the fly; a meta buffer here is a bug, not user error
             raise RuntimeError(f"{type(model).__name__} has an unloaded buffer {name}")
     return model.eval().requires_grad_(False)
+
+
+def as_device(device: torch.device | str) -> torch.device:
+    """A torch.device that exists on this machine, or an InputError saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device {device!r} is not available on this machine "
+                         f"({torch.cuda.device_count()} CUDA device(s) visible)")
+    return dev
 
 
 def strip_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
