@@ -35,7 +35,7 @@ def add_edit(sub) -> None:
                        description="Edit one or more reference images following a text instruction.")
     p.add_argument("--image", action="append", default=[], metavar="IN", help="reference image (repeatable; none = text to image)")
     p.add_argument("--prompt", required=True, help="the instruction, e.g. 'make it night'")
-    p.add_argument("--out", required=True, type=Path, help="output PNG path")
+    p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m = p.add_argument_group("models (give --models, --tiny, or the four files)")
     m.add_argument("--models", type=Path, help="a ComfyUI-style models/ folder holding the release files")
@@ -77,6 +77,7 @@ def run_edit(args) -> int:
         if not Path(img).is_file():
             raise InputError(f"reference image {img} is not a file")
     check_numbers(args)
+    fmt = output_format(out)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if args.tiny:
@@ -99,11 +100,21 @@ def run_edit(args) -> int:
                            reference_method=args.reference_method, negative_prompt=args.negative_prompt,
                            true_cfg=args.true_cfg, denoise=args.denoise, callback=ProgressBar())
     # Write next to the target, then move: an interrupted save never leaves a half-written file under --out.
-    tmp_out = out.with_name(f".{out.name}.partial.png")
-    images[0].save(tmp_out, format="PNG")
+    tmp_out = out.with_name(f".{out.name}.partial")
+    images[0].save(tmp_out, format=fmt)
     tmp_out.replace(out)
     print(f"wrote {out} ({images[0].width}x{images[0].height}) in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def output_format(out: Path) -> str:
+    """The PIL format for --out's suffix (.png, .jpg, .webp, ...), checked before any work is done."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"--out {out}: unknown image type {out.suffix or '(no suffix)'}; use .png, .jpg or .webp")
+    return fmt
 
 
 def check_numbers(args) -> None:
