@@ -1,0 +1,152 @@
+"""Loader nodes: the Kontext DiT, the two text encoders (CLIP-L + T5-XXL) and the Flux VAE, from ComfyUI's folders."""
+from __future__ import annotations
+
+import logging
+
+from .cache import cached
+from .host import fingerprint, model_list, model_path
+from .placement import POLICIES, Placed, compute_dtype
+
+log = logging.getLogger(__name__)
+
+DEVICE_TOOLTIP = ("auto: ComfyUI's memory manager moves it to the GPU to run and back to RAM when others need the "
+                  "room; offload: on the GPU only while it runs (least VRAM); cpu: load and run on the CPU (slow)")
+
+
+def _precisions() -> list[str]:
+    from kontext.flux_loader import PRECISIONS
+
+    return ["auto", *PRECISIONS]
+
+
+def _dtype(precision: str, policy: str, kind: str):
+    from kontext.errors import InputError
+    from kontext.flux_loader import PRECISIONS
+
+    if precision == "auto":
+        return compute_dtype(policy, kind)
+    if precision not in PRECISIONS:
+        raise InputError(f"weight_dtype {precision!r}: expected auto or one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def _changed(folder: str, name: str) -> str:
+    """IS_CHANGED value: the file's size and mtime, so ComfyUI re-runs a loader whose file was rewritten."""
+    try:
+        return fingerprint(model_path(folder, name, "model"))
+    except Exception:  # a missing file: let the loader itself raise the clear error
+        return f"missing:{name}"
+
+
+class KontextModelLoader:
+    DESCRIPTION = ("Loads the FLUX.1 Kontext [dev] diffusion transformer from models/diffusion_models: BFL's "
+                   "flux1-kontext-dev.safetensors, ComfyUI's flux1-dev-kontext_fp8_scaled.safetensors or a diffusers "
+                   "transformer folder (the layout is detected). Loaded once and reused while the file is unchanged.")
+    CATEGORY = "Kontext/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("KONTEXT_DIT",)
+    RETURN_NAMES = ("dit",)
+    OUTPUT_TOOLTIPS = ("The Kontext diffusion transformer, for Kontext Sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dit_name": (model_list("diffusion_models", folders_too=True),
+                         {"tooltip": "Diffusion model file in models/diffusion_models (fp8_scaled files are "
+                                     "dequantised to the compute dtype on load)."}),
+            "weight_dtype": (_precisions(), {"default": "auto",
+                                             "tooltip": "Compute dtype of the weights. auto: bf16 on GPUs (fp16 where "
+                                                        "bf16 is unsupported), fp32 on the CPU."}),
+            "device": (list(POLICIES), {"default": "auto", "tooltip": DEVICE_TOOLTIP}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, dit_name, weight_dtype="auto", device="auto"):
+        return _changed("diffusion_models", dit_name)
+
+    def load(self, dit_name: str, weight_dtype: str = "auto", device: str = "auto"):
+        from kontext.flux_loader import load_dit
+
+        path = model_path("diffusion_models", dit_name, "diffusion model")
+        dtype = _dtype(weight_dtype, device, "dit")
+
+        def load():
+            return Placed(device, "dit", path.name, dit=load_dit(path, device="cpu", dtype=dtype))
+
+        return (cached("dit", (path,), (str(dtype), device), load),)
+
+
+class KontextTextEncoderLoader:
+    DESCRIPTION = ("Loads the two text encoders of Flux from models/text_encoders: CLIP-L (clip_l.safetensors) for "
+                   "the pooled vector and T5-XXL (t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn_scaled.safetensors) for "
+                   "the token sequence, plus their tokenizers (ComfyUI's own copies, or $KONTEXT_TOKENIZERS).")
+    CATEGORY = "Kontext/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("KONTEXT_TEXT_ENCODERS",)
+    RETURN_NAMES = ("text_encoders",)
+    OUTPUT_TOOLTIPS = ("CLIP-L + T5-XXL with tokenizers, for Kontext Text Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = model_list("text_encoders")
+        return {"required": {
+            "clip_name": (files, {"tooltip": "The CLIP-L text encoder, usually clip_l.safetensors."}),
+            "t5_name": (files, {"tooltip": "The T5-XXL encoder, usually t5xxl_fp16.safetensors "
+                                           "(or t5xxl_fp8_e4m3fn_scaled.safetensors for less memory)."}),
+            "device": (list(POLICIES), {"default": "auto", "tooltip": DEVICE_TOOLTIP}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, clip_name, t5_name, device="auto"):
+        return _changed("text_encoders", clip_name) + "||" + _changed("text_encoders", t5_name)
+
+    def load(self, clip_name: str, t5_name: str, device: str = "auto"):
+        from kontext.text.clip import load_clip_l
+        from kontext.text.t5 import load_t5xxl
+        from kontext.text.tokenizers import load_tokenizers
+
+        clip_path = model_path("text_encoders", clip_name, "CLIP-L text encoder")
+        t5_path = model_path("text_encoders", t5_name, "T5-XXL text encoder")
+        dtype = compute_dtype(device, "text")
+
+        def load():
+            tokenizers = load_tokenizers()
+            placed = Placed(device, "text", f"{clip_path.name} + {t5_path.name}",
+                            clip=load_clip_l(clip_path, device="cpu", dtype=dtype),
+                            t5=load_t5xxl(t5_path, device="cpu", dtype=dtype))
+            placed.tokenizers = tokenizers
+            return placed
+
+        return (cached("text_encoders", (clip_path, t5_path), (str(dtype), device), load),)
+
+
+class KontextVAELoader:
+    DESCRIPTION = ("Loads the Flux VAE (ae.safetensors) from models/vae, for Kontext Reference Image, Kontext VAE "
+                   "Encode and Kontext VAE Decode. Those nodes also accept ComfyUI's own VAE (Load VAE).")
+    CATEGORY = "Kontext/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("KONTEXT_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The Flux autoencoder (16 latent channels).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (model_list("vae"), {"tooltip": "The Flux VAE file, usually ae.safetensors."}),
+            "device": (list(POLICIES), {"default": "auto", "tooltip": DEVICE_TOOLTIP}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, vae_name, device="auto"):
+        return _changed("vae", vae_name)
+
+    def load(self, vae_name: str, device: str = "auto"):
+        from kontext.vae import load_vae
+
+        path = model_path("vae", vae_name, "VAE")
+        dtype = compute_dtype(device, "vae")
+
+        def load():
+            return Placed(device, "vae", path.name, vae=load_vae(path, device="cpu", dtype=dtype))
+
+        return (cached("vae", (path,), (str(dtype), device), load),)

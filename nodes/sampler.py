@@ -1,0 +1,136 @@
+"""Kontext Sampler: the engine's rectified-flow loop driven by ComfyUI conditioning, with progress and previews."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kontext.errors import InputError
+
+from .convert import entries
+from .host import Progress, check_interrupt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GUIDANCE = 2.5
+SUPPORTED_METHODS = ("offset", "index")
+
+
+def _cond(cond, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(tokens [1, L, D], pooled [1, 768], options) of a CONDITIONING's first entry."""
+    items = entries(cond, what)
+    if len(items) > 1:
+        log.warning("Kontext Sampler: %s has %d entries (combined conditioning?); only the first is used",
+                    what, len(items))
+    tokens, opts = items[0]
+    pooled = opts.get("pooled_output")
+    if pooled is None:
+        raise InputError(f"{what} has no pooled CLIP vector: encode it with Kontext Text Encode, or with ComfyUI's "
+                         "CLIPTextEncode and a Flux CLIP (DualCLIPLoader type flux)")
+    return tokens, pooled, opts
+
+
+def activation_bytes(tokens: int, hidden: int, batch: int, passes: int, dtype: torch.dtype) -> int:
+    """A rough upper bound of the DiT's working memory: ~24 hidden-sized activations per token alive at once."""
+    return int(tokens * hidden * batch * passes * 24 * torch.tensor([], dtype=dtype).element_size())
+
+
+class KontextSampler:
+    DESCRIPTION = ("Generates the edited image's latent with FLUX.1 Kontext [dev]: the instruction and reference "
+                   "images come in the positive conditioning, the size follows the first reference unless set. "
+                   "Shows progress and live previews; Cancel stops it between steps.")
+    CATEGORY = "Kontext/sampling"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The generated latent; decode it with Kontext VAE Decode (or ComfyUI's VAE Decode).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit": ("KONTEXT_DIT", {"tooltip": "From Load Kontext Model."}),
+                "positive": ("CONDITIONING", {"tooltip": "The instruction with its reference images (Kontext Text "
+                                                         "Encode, then Kontext Reference Image nodes)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                                 "tooltip": "Seed of the starting noise; the same seed gives the same image on "
+                                            "any device."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 200,
+                                  "tooltip": "Denoising steps (28 is Kontext's default; 20 is usually enough)."}),
+                "guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                                       "tooltip": "Embedded guidance. 0: take it from the conditioning (Kontext Text "
+                                                  "Encode or FluxGuidance; 2.5 if unset). Above 0: use this value."}),
+                "true_cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 20.0, "step": 0.1,
+                                       "tooltip": "True classifier-free guidance against the negative input. 1 "
+                                                  "disables it (one model pass per step; above 1 costs two)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16,
+                                  "tooltip": "Output width in pixels (multiple of 16). 0: from the latent input, "
+                                             "else the first reference, else 1024."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16,
+                                   "tooltip": "Output height in pixels (multiple of 16). 0: from the latent input, "
+                                              "else the first reference, else 1024."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1: start from pure noise. Below 1: start from the latent input, "
+                                                 "noised to this level (runs that share of the steps)."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "What to steer away from; used only when true_cfg > 1."}),
+                "latent": ("LATENT", {"tooltip": "Starting latent for denoise < 1 (e.g. Kontext VAE Encode of an "
+                                                 "image); also sets the size and batch when width/height are 0."}),
+            },
+        }
+
+    def sample(self, dit, positive, seed: int, steps: int, guidance: float, true_cfg: float, width: int,
+               height: int, denoise: float, negative=None, latent=None):
+        from kontext.pipeline import sample_latent
+        from kontext.references import output_size
+
+        txt, pooled, opts = _cond(positive, "positive")
+        if guidance <= 0:
+            guidance = opts.get("guidance")
+            guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
+        refs = list(opts.get("reference_latents") or [])
+        method = opts.get("reference_latents_method", "offset")
+        if method not in SUPPORTED_METHODS:
+            raise InputError(f"reference method {method!r} is not supported by Kontext Sampler "
+                             f"(supported: {', '.join(SUPPORTED_METHODS)})")
+        neg_txt = neg_pooled = None
+        if true_cfg > 1.0:
+            if negative is None:
+                raise InputError("true_cfg above 1 needs the negative input: connect a Kontext Text Encode "
+                                 "(e.g. an empty prompt or \"blurry, distorted\")")
+            neg_txt, neg_pooled, _ = _cond(negative, "negative")
+        elif negative is not None:
+            log.info("Kontext Sampler: negative conditioning ignored because true_cfg is 1")
+
+        init, batch, size_from = None, 1, None
+        if latent is not None:
+            init = latent.get("samples") if isinstance(latent, dict) else None
+            if not isinstance(init, torch.Tensor) or init.dim() != 4 or init.shape[1] != 16:
+                raise InputError("latent: expected a Flux LATENT with samples [batch, 16, h, w]")
+            if "noise_mask" in latent:
+                log.warning("Kontext Sampler: the latent's noise mask is ignored (no inpainting)")
+            batch, size_from = init.shape[0], (init.shape[3] * 8, init.shape[2] * 8)
+        elif refs:
+            size_from = (refs[0].shape[-1] * 8, refs[0].shape[-2] * 8)
+        elif denoise < 1.0:
+            raise InputError("denoise below 1 needs the latent input (e.g. Kontext VAE Encode of the image to "
+                             "start from); with denoise 1 leave it empty")
+        w, h = output_size(width or None, height or None, size_from)
+        if init is not None and (w, h) != size_from:
+            raise InputError(f"the latent input is {size_from[0]}x{size_from[1]} but width/height ask for {w}x{h}: "
+                             "set both to 0 to follow the latent")
+
+        cfg = dit.dit.config
+        tokens = (w // 16) * (h // 16) + sum((r.shape[-1] // 2) * (r.shape[-2] // 2) for r in refs) + txt.shape[1]
+        extra = activation_bytes(tokens, cfg.hidden_size, batch, 2 if neg_txt is not None else 1,
+                                 next(dit.dit.parameters()).dtype)
+        log.info("Kontext Sampler: %dx%d, %d reference(s), %d steps, guidance %.2f, true_cfg %.2f, seed %d",
+                 w, h, len(refs), steps, guidance, true_cfg, seed)
+        check_interrupt()
+        with dit.running(extra):
+            progress = Progress(steps, dit.device)
+            out = sample_latent(dit.dit, txt, pooled, ref_latents=refs, width=w, height=h, seed=seed, steps=steps,
+                                guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt, neg_pooled=neg_pooled,
+                                denoise=denoise, init_latent=init if denoise < 1.0 else None,
+                                reference_method=method, callback=progress, batch_size=batch)
+        return ({"samples": out.float().cpu()},)
