@@ -23,8 +23,8 @@ class ProgressBar:
     def __call__(self, step: int, total: int, _latent=None) -> None:
         done = step + 1
         filled = int(30 * done / total)
-        rate = (time.perf_counter() - self.start) / done
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {rate:.2f}s/step")
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {elapsed:.1f}s")
         if done == total:
             self.stream.write("\n")
         self.stream.flush()
