@@ -29,6 +29,8 @@ def find_model_files(models: str | os.PathLike) -> dict[str, Path]:
             wanted = " or ".join(f"{folders[0]}/{n}" for n in names[:2])
             raise InputError(f"no {role} model in {root}: expected {wanted} (see `python -m kontext download`)")
         found[role] = hits[0]
-    if (root / "tokenizers").is_dir():
+    if (root / "tokenizers").is_dir():  # make-tiny's, or `python -m kontext download`'s
         found["tokenizers"] = root / "tokenizers"
+    elif (root.parent / "comfy" / "sd1_tokenizer").is_dir():  # the models/ folder of a ComfyUI checkout
+        found["tokenizers"] = root.parent
     return found

@@ -12,6 +12,7 @@ Sources (checked against the Hub's file listings and ComfyUI's Kontext tutorial)
   page, accept the FLUX.1 [dev] Non-Commercial License, and use a token (--token or HF_TOKEN).
 - Comfy-Org/flux1-kontext-dev_ComfyUI: split_files/diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors.
 - comfyanonymous/flux_text_encoders: clip_l.safetensors, t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn_scaled.safetensors.
+- The tokenizers come from the BFL repository's tokenizer/ and tokenizer_2/ folders into models/tokenizers/.
 """
 from __future__ import annotations
 
@@ -67,6 +68,17 @@ def release_files(fp8: bool = False) -> dict[str, HubFile]:
     return files
 
 
+# The two tokenizers, from the BFL repository's tokenizer/ and tokenizer_2/ into our layout under models/tokenizers/
+# (ComfyUI ships its own copies in its code tree; the command line and the library need these when run alone).
+TOKENIZER_FILES = tuple(
+    HubFile(BFL_REPO, f"{src}/{name}", f"tokenizers/{dst}", name)
+    for src, dst, names in (("tokenizer", "clip_l", ("vocab.json", "merges.txt", "special_tokens_map.json",
+                                                     "tokenizer_config.json")),
+                            ("tokenizer_2", "t5xxl", ("tokenizer.json", "special_tokens_map.json",
+                                                      "tokenizer_config.json")))
+    for name in names)
+
+
 def download(to: Path, fp8: bool = False, token: str | None = None, progress: bool = True) -> dict[str, Path]:
     """Fetch the release files into `to` (ComfyUI's `models/` folder); return where each one is.
 
@@ -83,11 +95,12 @@ def download(to: Path, fp8: bool = False, token: str | None = None, progress: bo
     if not progress:
         disable_progress_bars()
     try:
-        for key, f in release_files(fp8).items():
+        wanted = list(release_files(fp8).items()) + [("tokenizers", f) for f in TOKENIZER_FILES]
+        for key, f in wanted:
             final = f.target(root)
             if _complete(final):
                 logger.info("%s: already complete, skipped", final)
-                done[key] = final
+                done[key] = root / "tokenizers" if key == "tokenizers" else final
                 continue
             logger.info("downloading %s/%s -> %s", f.repo_id, f.filename, final)
             local = staging / f.repo_id.replace("/", "--")
@@ -96,7 +109,7 @@ def download(to: Path, fp8: bool = False, token: str | None = None, progress: bo
             except Exception as exc:
                 raise _explain(exc, f) from exc
             _move(Path(got), final)
-            done[key] = final
+            done[key] = root / "tokenizers" if key == "tokenizers" else final
     finally:
         if not progress and not bars_were_off:
             enable_progress_bars()
@@ -108,6 +121,8 @@ def _complete(path: Path) -> bool:
     """True for a present file whose safetensors header is valid and whose size covers all the data it declares."""
     if not path.is_file():
         return False
+    if path.suffix != ".safetensors":  # a small tokenizer file: moved into place only once complete
+        return path.stat().st_size > 0
     try:
         read_header(path)
     except CheckpointError as exc:

@@ -69,7 +69,13 @@ def fake(monkeypatch):
 @pytest.mark.parametrize("fp8, layout", [(False, BF16_LAYOUT), (True, FP8_LAYOUT)])
 def test_files_land_under_comfyui_names(tmp_path, fake, fp8, layout):
     got = download(tmp_path, fp8=fp8, token="hf_test", progress=True)
-    assert set(got) == set(layout)
+    assert set(got) == set(layout) | {"tokenizers"}
+    assert got["tokenizers"] == tmp_path / "tokenizers"
+    tok = {(c["repo_id"], c["filename"]) for c in fake.calls if "tokenizer" in c["filename"]}
+    assert ("black-forest-labs/FLUX.1-Kontext-dev", "tokenizer/vocab.json") in tok
+    assert ("black-forest-labs/FLUX.1-Kontext-dev", "tokenizer_2/tokenizer.json") in tok
+    assert (tmp_path / "tokenizers/clip_l/merges.txt").is_file() and (tmp_path / "tokenizers/t5xxl/tokenizer.json").is_file()
+    fake.calls = [c for c in fake.calls if "tokenizer" not in c["filename"]]
     for key, (repo, filename, target) in layout.items():
         assert got[key] == tmp_path / target
         assert got[key].is_file() and not got[key].is_symlink()
@@ -78,7 +84,7 @@ def test_files_land_under_comfyui_names(tmp_path, fake, fp8, layout):
     assert all(c["token"] == "hf_test" for c in fake.calls)
     assert all(Path(c["local_dir"]).is_relative_to(tmp_path / STAGING) for c in fake.calls)
     assert not (tmp_path / STAGING).exists()  # staging removed once everything is in place
-    assert set(p.name for p in tmp_path.iterdir()) == {"diffusion_models", "vae", "text_encoders"}
+    assert set(p.name for p in tmp_path.iterdir()) == {"diffusion_models", "vae", "text_encoders", "tokenizers"}
 
 
 def test_release_files_match_the_layout():
