@@ -204,3 +204,15 @@ def test_target_ids_and_text_ids():
 def test_unknown_id_method():
     with pytest.raises(ValueError, match="offset"):
         reference_ids([(1, 1)], "sideways")
+
+
+def test_tiny_diffusers_folder_loads_in_diffusers(tiny_models, reference):
+    """make-tiny's diffusers folder is a real diffusers folder: from_pretrained reads it to the same model."""
+    from diffusers import FluxTransformer2DModel
+
+    folder_model = FluxTransformer2DModel.from_pretrained(tiny_models["dit_diffusers"], torch_dtype=torch.float32)
+    img, img_ids, txt, txt_ids, t, y, g = inputs(1)
+    kw = dict(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t, img_ids=img_ids[0],
+              txt_ids=txt_ids[0], guidance=g, return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(folder_model(**kw)[0], reference(**kw)[0])
