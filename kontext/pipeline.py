@@ -191,8 +191,9 @@ class KontextPipeline:
         from .text.t5 import load_t5xxl
         from .text.tokenizers import load_tokenizers
         from .vae import load_vae
+        from .weights.loading import as_device
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, precision, device)
         offload = offload and device.type != "cpu"
         text_device = torch.device("cpu") if offload else device
