@@ -190,10 +190,16 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
     nodes = {n["id"]: n for n in wf["nodes"]}
     links = {l[0]: l for l in wf["links"]}
 
-    def source(link_id):  # follow reroutes to the real output
+    def source(link_id):
+        """What a link feeds: [node, slot] of the real output (through reroutes), a PrimitiveNode's value, or
+        None for a muted node (the front end drops such links too)."""
         _, node, slot = links[link_id][:3]
         while nodes[node]["type"] == "Reroute":
             node, slot = links[nodes[node]["inputs"][0]["link"]][1:3]
+        if nodes[node]["type"] == "PrimitiveNode":  # a widget promoted to its own node: its value is the input
+            return ("value", (nodes[node].get("widgets_values") or [None])[0])
+        if nodes[node].get("mode", 0) == 2:
+            return None
         return [str(node), slot]
 
     out = {}
@@ -217,7 +223,13 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
                         if typ == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
                             values = values[1:]  # the front end's "control after generate" value
                     if name in linked:
-                        inputs[name] = source(linked[name])
+                        fed = source(linked[name])
+                        if isinstance(fed, tuple):
+                            inputs[name] = fed[1]
+                        elif fed is not None:
+                            inputs[name] = fed
+                        else:
+                            inputs.pop(name, None)
         out[str(n["id"])] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": n.get("title", n["type"])}}
     return out
 
@@ -354,10 +366,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    server = Server(args.server)
+    url = args.server if "://" in args.server else "http://" + args.server  # "127.0.0.1:8188" is common
+    server = Server(url)
     for img in args.image:
         if not img.is_file():
             raise QueueError(f"--image {img}: no such file")
+    # Checked before anything is queued: a finished run must never fail on where its images go.
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QueueError(f"--out {args.out}: cannot use it as the output folder ({exc.strerror or exc})") from None
     wf = load_workflow(args.workflow, server)
     names = [server.upload_image(img) for img in args.image]
     wf = patch(wf, names, args.prompt, args.seed)
@@ -378,7 +396,6 @@ def _run(args: argparse.Namespace) -> int:
     problem = execution_error(entry)
     if problem:
         raise QueueError(problem)
-    args.out.mkdir(parents=True, exist_ok=True)
     saved = download(server, entry, args.out, args.previews)
     for path in saved:
         print(path)

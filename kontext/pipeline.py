@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -70,13 +71,17 @@ def _batched(t: torch.Tensor, B: int, name: str, device: torch.device) -> torch.
     raise InputError(f"{name} has batch {t.shape[0]}, which does not divide the batch of {B}")
 
 
+def pad_to_patches(z: torch.Tensor) -> torch.Tensor:
+    """A latent [B, C, h, w] padded to whole 2x2 patches, circularly (as ComfyUI pads odd latents)."""
+    pad = (0, z.shape[3] % 2, 0, z.shape[2] % 2)
+    return F.pad(z, pad, mode="circular") if any(pad) else z
+
+
 def _reference_tokens(raw: torch.Tensor) -> torch.Tensor:
-    """A raw reference latent in model space, padded to whole 2x2 patches (circularly, as ComfyUI pads)."""
+    """A raw reference latent in model space, padded to whole 2x2 patches."""
     if raw.dim() != 4 or raw.shape[1] != 16:
         raise InputError(f"reference latent of shape {list(raw.shape)}: expected [B, 16, h, w]")
-    z = to_model_space(raw.float())
-    pad = (0, raw.shape[3] % 2, 0, raw.shape[2] % 2)
-    return F.pad(z, pad, mode="circular") if any(pad) else z
+    return pad_to_patches(to_model_space(raw.float()))
 
 
 @torch.no_grad()
@@ -93,8 +98,8 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
     after each step; an exception it raises (kontext.errors.Cancelled) stops the run.
     """
     if isinstance(width, bool) or isinstance(height, bool) or not isinstance(width, int) or \
-            not isinstance(height, int) or width < 16 or height < 16 or width % 16 or height % 16:
-        raise InputError(f"width and height must be positive multiples of 16, got {width}x{height}")
+            not isinstance(height, int) or width < 16 or height < 16 or width % 8 or height % 8:
+        raise InputError(f"width and height must be multiples of 8 (16 preferred), at least 16; got {width}x{height}")
     if reference_method not in METHODS:
         raise InputError(f"reference_method must be one of {METHODS}, got {reference_method!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -108,20 +113,29 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
         raise InputError(f"callback must be callable, got {type(callback).__name__}")
     if true_cfg > 1.0 and (neg_txt is None or neg_pooled is None):
         raise InputError("true_cfg > 1 needs a negative conditioning (neg_txt and neg_pooled)")
+    cfg = dit.config
+    if txt.dim() != 3 or txt.shape[-1] != cfg.context_in_dim or pooled.dim() != 2 or pooled.shape[-1] != cfg.vec_in_dim:
+        raise InputError(f"conditioning of shapes {list(txt.shape)} (text) and {list(pooled.shape)} (pooled) does not "
+                         f"fit this model, which takes [B, L, {cfg.context_in_dim}] T5 states and a [B, "
+                         f"{cfg.vec_in_dim}] CLIP-L pooled vector: encode the prompt with Flux's CLIP-L + T5-XXL")
+    if neg_txt is not None and (neg_txt.shape[-1] != cfg.context_in_dim or neg_pooled is None
+                                or neg_pooled.shape[-1] != cfg.vec_in_dim):
+        raise InputError("the negative conditioning does not fit this model: encode it with Flux's CLIP-L + T5-XXL")
     device, B = dit.device, txt.shape[0] * batch_size
-    h, w = height // 8, width // 8
+    h, w = height // 8, width // 8  # latent size; odd sides are padded to whole patches around each model call
 
     txt, pooled = _batched(txt, B, "txt", device), _batched(pooled, B, "pooled", device)
     txt_ids = text_ids(txt.shape[1], B).to(device)
     refs = [_batched(_reference_tokens(r), B, "reference latent", device) for r in ref_latents]
     ref_tokens = torch.cat([pack(r) for r in refs], dim=1) if refs else None
     ids = image_ids((h, w), [tuple(r.shape[2:]) for r in ref_latents], reference_method, B).to(device)
+    hp, wp = h + h % 2, w + w % 2  # padded latent size
     g = torch.full((B,), guidance, device=device)
     if true_cfg > 1.0:
         neg_txt, neg_pooled = _batched(neg_txt, B, "neg_txt", device), _batched(neg_pooled, B, "neg_pooled", device)
 
     # Schedule (mu from the target tokens only) and the starting point.
-    sigmas = flux_schedule(steps, (h // 2) * (w // 2))
+    sigmas = flux_schedule(steps, ((h + 1) // 2) * ((w + 1) // 2))  # target tokens only
     noise = noise_latent(seed, B, height, width)
     if denoise < 1.0:
         if init_latent is None:
@@ -132,31 +146,33 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
         sigmas = schedule_for_denoise(sigmas, denoise)
         init = _batched(to_model_space(init_latent.float().cpu()), B, "initial latent", torch.device("cpu"))
         noise = noise_for_denoise(init, noise, float(sigmas[0]))
-    x = pack(noise.to(device))  # [B, N, 64], float32 throughout (the DiT casts to its own dtype)
-    n_target = x.shape[1]
+    x = noise.to(device)  # [B, 16, h, w] model-space latent, float32 throughout (the DiT casts to its own dtype)
     last = _Step()
 
-    def predict(tokens: torch.Tensor, cond_txt: torch.Tensor, cond_pooled: torch.Tensor, t: torch.Tensor):
+    def predict(z: torch.Tensor, cond_txt: torch.Tensor, cond_pooled: torch.Tensor, t: torch.Tensor):
+        tokens = pack(pad_to_patches(z))  # [B, N, 64], target tokens first, then the references'
+        n_target = tokens.shape[1]
         img = tokens if ref_tokens is None else torch.cat([tokens, ref_tokens], dim=1)
-        return dit(img, ids, cond_txt, txt_ids, t, cond_pooled, g)[:, :n_target].float()
+        v = dit(img, ids, cond_txt, txt_ids, t, cond_pooled, g)[:, :n_target].float()
+        return unpack(v, hp, wp)[:, :, :h, :w]
 
-    def velocity(tokens: torch.Tensor, sigma: float) -> torch.Tensor:
+    def velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
         # diffusers hands the model float32(sigma * 1000) / 1000; reproduce that rounding for bit-level parity.
         t = (torch.tensor(sigma, dtype=torch.float32) * 1000 / 1000).expand(B).to(device)
-        v = predict(tokens, txt, pooled, t)
+        v = predict(z, txt, pooled, t)
         if true_cfg > 1.0:
-            v_neg = predict(tokens, neg_txt, neg_pooled, t)
+            v_neg = predict(z, neg_txt, neg_pooled, t)
             v = v_neg + true_cfg * (v - v_neg)
         last.v = v
         return v
 
-    def on_step(i: int, total: int, tokens: torch.Tensor) -> None:
+    def on_step(i: int, total: int, z: torch.Tensor) -> None:
         if callback is not None:
-            x0 = tokens - float(sigmas[i + 1]) * last.v  # the denoised estimate: the nicest preview
-            callback(i, total, to_raw(unpack(x0, h, w)))
+            x0 = z - float(sigmas[i + 1]) * last.v  # the denoised estimate: the nicest preview
+            callback(i, total, to_raw(x0))
 
     x = euler_sample(velocity, x, sigmas, on_step)
-    return to_raw(unpack(x, h, w))
+    return to_raw(x)
 
 
 def _free(device: torch.device) -> None:
@@ -198,11 +214,14 @@ class KontextPipeline:
         offload = offload and device.type != "cpu"
         text_device = torch.device("cpu") if offload else device
         text_dtype = dtype if device.type != "cpu" else torch.float32
+        tok = load_tokenizers(tokenizers)  # first: a missing folder should not wait for 30 GB of weights
+        # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
         return cls(dit=load_dit(dit, device=device, dtype=dtype),
-                   vae=load_vae(vae, device=device, dtype=dtype),
+                   vae=load_vae(vae, device=device, dtype=vae_dtype),
                    clip=load_clip_l(clip_l, device=text_device, dtype=text_dtype),
                    t5=load_t5xxl(t5xxl, device=text_device, dtype=text_dtype),
-                   tokenizers=load_tokenizers(tokenizers), device=device, offload=offload)
+                   tokenizers=tok, device=device, offload=offload)
 
     @classmethod
     def from_models_dir(cls, models, **kwargs) -> "KontextPipeline":
@@ -235,7 +254,9 @@ class KontextPipeline:
         The output size defaults to the first reference's prepared size; `denoise < 1` starts from `init_image`
         (default: the first reference) noised to that level instead of from pure noise.
         """
-        from .references import output_size, prepare_reference, to_pil, to_tensor
+        from PIL import Image
+
+        from .references import load_image, output_size, prepare_reference, to_pil, to_tensor
 
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -243,26 +264,30 @@ class KontextPipeline:
         if isinstance(references, (str, bytes)) or not isinstance(references, Sequence):
             references = [references]
         prepared = [prepare_reference(r, resize=resize_references) for r in references]
-        w, h = output_size(width, height, prepared[0].size if prepared else None)
+        # Size: the first reference's; for image-to-image without references, the init image's preferred size.
+        size_from = prepared[0].size if prepared else None
+        if size_from is None and init_image is not None and denoise < 1.0:
+            size_from = prepare_reference(init_image, resize=True).size
+        w, h = output_size(width, height, size_from)
+        if true_cfg > 1.0 and negative_prompt is None:
+            # diffusers runs true CFG only with a negative prompt; say so rather than silently ignore it.
+            log.warning("true_cfg=%s has no effect without a negative prompt (pass negative_prompt='' to "
+                        "guide away from the empty prompt)", true_cfg)
+            true_cfg = 1.0
+        if init_image is not None and denoise == 1.0:
+            log.warning("init_image is unused with denoise=1 (the run starts from pure noise)")
         try:
-            txt, pooled = self.encode([prompt])
-            neg_txt = neg_pooled = None
-            if true_cfg > 1.0 and negative_prompt is None:
-                # diffusers runs true CFG only with a negative prompt; say so rather than silently ignore it.
-                log.warning("true_cfg=%s has no effect without a negative prompt (pass negative_prompt='' to "
-                            "guide away from the empty prompt)", true_cfg)
-                true_cfg = 1.0
-            if true_cfg > 1.0:
-                neg_txt, neg_pooled = self.encode([negative_prompt])
+            # One visit of the text encoders for both prompts (each is a 5-10 GB move when offloaded).
+            txt, pooled = self.encode([prompt] + ([negative_prompt] if true_cfg > 1.0 else []))
+            neg_txt, neg_pooled = (txt[1:], pooled[1:]) if true_cfg > 1.0 else (None, None)
+            txt, pooled = txt[:1], pooled[:1]
             ref_latents = [self.vae.encode(to_tensor(p).to(self.device)).float() for p in prepared]
             init_latent = None
             if denoise < 1.0:
-                src = init_image if init_image is not None else (references[0] if references else None)
-                if src is None:
+                init = init_image if init_image is not None else (prepared[0] if prepared else None)
+                if init is None:
                     raise InputError("denoise < 1 needs an init image or a reference to start from")
-                from PIL import Image
-
-                init = prepare_reference(src, resize=False) if init_image is not None else prepared[0]
+                init = load_image(init)
                 init = init.resize((w, h), Image.Resampling.LANCZOS) if init.size != (w, h) else init
                 init_latent = self.vae.encode(to_tensor(init).to(self.device)).float()
             latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h, seed=seed,
@@ -271,5 +296,10 @@ class KontextPipeline:
                                    reference_method=reference_method, callback=callback, batch_size=num_images)
             pixels = self.vae.decode(latent)
             return to_pil(pixels)
+        except BaseException as exc:
+            # The traceback keeps the run's frames, and their tensors, alive: drop their locals so that _free
+            # below can give the memory back now, not whenever the caller lets go of the exception.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
             _free(self.device)

@@ -83,10 +83,10 @@ def noise_latent(seed: int, batch: int, height: int, width: int, dtype: torch.dt
     if not 0 <= seed < 2**64:
         raise InputError(f"seed must be an integer in 0..2**64-1, got {seed}")
     batch = _count(batch, "batch")
-    if height % 16 or width % 16 or height < 16 or width < 16:
-        raise InputError(f"image size {width}x{height}: both sides must be positive multiples of 16")
+    if height % 8 or width % 8 or height < 16 or width < 16:
+        raise InputError(f"image size {width}x{height}: both sides must be multiples of 8, at least 16")
     gen = torch.Generator("cpu").manual_seed(seed)
-    shape = (batch, LATENT_CHANNELS, 2 * (height // 16), 2 * (width // 16))
+    shape = (batch, LATENT_CHANNELS, height // 8, width // 8)  # = diffusers' 2 * (H // 16) for multiples of 16
     return torch.randn(shape, generator=gen, dtype=dtype).to(device)
 
 

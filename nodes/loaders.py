@@ -30,6 +30,12 @@ def _dtype(precision: str, policy: str, kind: str):
     return PRECISIONS[precision]
 
 
+def _default(files: list[str], stem: str) -> dict:
+    """A widget default: the first file whose name starts with `stem` (a fresh node then shows the right pair)."""
+    match = next((f for f in files if f.rsplit("/", 1)[-1].lower().startswith(stem)), None)
+    return {"default": match} if match else {}
+
+
 def _changed(folder: str, name: str) -> str:
     """IS_CHANGED value: the file's size and mtime, so ComfyUI re-runs a loader whose file was rewritten."""
     try:
@@ -90,8 +96,10 @@ class KontextTextEncoderLoader:
     def INPUT_TYPES(cls):
         files = model_list("text_encoders")
         return {"required": {
-            "clip_name": (files, {"tooltip": "The CLIP-L text encoder, usually clip_l.safetensors."}),
-            "t5_name": (files, {"tooltip": "The T5-XXL encoder, usually t5xxl_fp16.safetensors "
+            "clip_name": (files, {**_default(files, "clip_l"),
+                                  "tooltip": "The CLIP-L text encoder, usually clip_l.safetensors."}),
+            "t5_name": (files, {**_default(files, "t5xxl"),
+                                "tooltip": "The T5-XXL encoder, usually t5xxl_fp16.safetensors "
                                            "(or t5xxl_fp8_e4m3fn_scaled.safetensors for less memory)."}),
             "device": (list(POLICIES), {"default": "auto", "tooltip": DEVICE_TOOLTIP}),
         }}

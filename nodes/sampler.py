@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import torch
 
@@ -13,16 +14,22 @@ from .host import Progress, check_interrupt
 log = logging.getLogger(__name__)
 
 DEFAULT_GUIDANCE = 2.5
+# Conditioning options of ComfyUI's area/mask/strength/timestep-range nodes, with the value that means "unset".
+UNSUPPORTED = {"area": None, "mask": None, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
 SUPPORTED_METHODS = ("offset", "index")
 
 
 def _cond(cond, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(tokens [1, L, D], pooled [1, 768], options) of a CONDITIONING's first entry."""
     items = entries(cond, what)
-    if len(items) > 1:
-        log.warning("Kontext Sampler: %s has %d entries (combined conditioning?); only the first is used",
-                    what, len(items))
+    if len(items) > 1:  # ComfyUI would run and blend one prediction per entry; silently using one would mislead
+        raise InputError(f"{what} holds {len(items)} conditionings (ConditioningCombine?): Kontext Sampler takes one; "
+                         "use ConditioningConcat or a single Kontext Text Encode instead")
     tokens, opts = items[0]
+    unsupported = [k for k, default in UNSUPPORTED.items() if k in opts and opts[k] != default]
+    if unsupported:
+        raise InputError(f"{what} sets {', '.join(unsupported)} (area, mask, strength or timestep-range "
+                         "conditioning), which Kontext Sampler does not support; remove that node")
     pooled = opts.get("pooled_output")
     if pooled is None:
         raise InputError(f"{what} has no pooled CLIP vector: encode it with Kontext Text Encode, or with ComfyUI's "
@@ -115,10 +122,16 @@ class KontextSampler:
         elif denoise < 1.0:
             raise InputError("denoise below 1 needs the latent input (e.g. Kontext VAE Encode of the image to "
                              "start from); with denoise 1 leave it empty")
-        w, h = output_size(width or None, height or None, size_from)
-        if init is not None and (w, h) != size_from:
-            raise InputError(f"the latent input is {size_from[0]}x{size_from[1]} but width/height ask for {w}x{h}: "
-                             "set both to 0 to follow the latent")
+        if init is not None and not width and not height:
+            # Follow the latent exactly, even when it is not a multiple of 16 (ComfyUI's VAEEncode crops to 8):
+            # the engine pads odd latents to whole patches, as ComfyUI does.
+            w, h = size_from
+            output_size(w // 16 * 16, h // 16 * 16)  # range check only
+        else:
+            w, h = output_size(width or None, height or None, size_from)
+            if init is not None and (w, h) != size_from:
+                raise InputError(f"the latent input is {size_from[0]}x{size_from[1]} but width/height ask for "
+                                 f"{w}x{h}: set both to 0 to follow the latent, or match its size")
 
         cfg = dit.dit.config
         tokens = (w // 16) * (h // 16) + sum((r.shape[-1] // 2) * (r.shape[-2] // 2) for r in refs) + txt.shape[1]
@@ -129,8 +142,13 @@ class KontextSampler:
         check_interrupt()
         with dit.running(extra):
             progress = Progress(steps, dit.device)
-            out = sample_latent(dit.dit, txt, pooled, ref_latents=refs, width=w, height=h, seed=seed, steps=steps,
-                                guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt, neg_pooled=neg_pooled,
-                                denoise=denoise, init_latent=init if denoise < 1.0 else None,
-                                reference_method=method, callback=progress, batch_size=batch)
+            try:
+                out = sample_latent(dit.dit, txt, pooled, ref_latents=refs, width=w, height=h, seed=seed,
+                                    steps=steps, guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt,
+                                    neg_pooled=neg_pooled, denoise=denoise,
+                                    init_latent=init if denoise < 1.0 else None, reference_method=method,
+                                    callback=progress, batch_size=batch)
+            except BaseException as exc:  # a cancel: let the run's tensors go now, not with ComfyUI's error report
+                traceback.clear_frames(exc.__traceback__)
+                raise
         return ({"samples": out.float().cpu()},)

@@ -351,3 +351,30 @@ def test_conditioning_from_elsewhere_is_checked(loaded):
         M["KontextSampler"]().sample(loaded.dit, bad, 0, 1, 0.0, 1.0, 0, 0, 1.0)
     with pytest.raises(InputError, match="device policy"):
         M["KontextVAELoader"]().load("ae-tiny.safetensors", "gpu0")
+
+
+def test_latent_from_comfyuis_vae_encode_of_any_size_is_followed(loaded):
+    """ComfyUI's VAEEncode crops to multiples of 8 (a 1000x1000 image gives 125x125): the sampler follows it."""
+    cond, = M["KontextTextEncode"]().encode(loaded.te, "x", 2.5)
+    for h, w in [(125, 125), (27, 41)]:
+        latent = {"samples": torch.randn(1, 16, h, w)}
+        out, = M["KontextSampler"]().sample(loaded.dit, cond, 0, 2, 0.0, 1.0, 0, 0, 0.6, latent=latent)
+        assert out["samples"].shape == (1, 16, h, w) and torch.isfinite(out["samples"]).all()
+
+
+@pytest.mark.parametrize("opts,message", [
+    ({"start_percent": 0.2}, "start_percent"), ({"area": (8, 8, 0, 0)}, "area"), ({"strength": 0.5}, "strength"),
+    ({"mask": torch.ones(1, 8, 8)}, "mask")])
+def test_unsupported_conditioning_options_are_refused_not_ignored(loaded, opts, message):
+    (tokens, base), = M["KontextTextEncode"]().encode(loaded.te, "x", 2.5)[0]
+    with pytest.raises(InputError, match=message):
+        M["KontextSampler"]().sample(loaded.dit, [[tokens, {**base, **opts}]], 0, 1, 0.0, 1.0, 64, 64, 1.0)
+
+
+def test_combined_or_foreign_conditioning_gets_a_clear_error(loaded):
+    cond, = M["KontextTextEncode"]().encode(loaded.te, "x", 2.5)
+    with pytest.raises(InputError, match="ConditioningCombine"):
+        M["KontextSampler"]().sample(loaded.dit, cond + cond, 0, 1, 0.0, 1.0, 64, 64, 1.0)
+    sdxl_like = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(InputError, match="does not fit this model"):
+        M["KontextSampler"]().sample(loaded.dit, sdxl_like, 0, 1, 0.0, 1.0, 64, 64, 1.0)

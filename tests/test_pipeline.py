@@ -217,3 +217,41 @@ def test_sample_latent_rejects_bad_arguments(ours, kw):
 
 def test_prompt_with_a_lone_surrogate(ours):
     assert ours.tokenizers.clip_ids("broken emoji \ud83d here").shape == (1, 77)
+
+
+def test_cancel_leaves_nothing_of_the_run_alive(ours):
+    """Even while the caller still holds the exception, the run's tensors are gone (so GPU memory can be freed)."""
+    import weakref
+
+    seen = []
+
+    def cb(step, total, latent):
+        seen.append(weakref.ref(latent))
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled) as info:
+        ours.edit("x", [reference_image(64, 64, 0)], steps=3, width=64, height=64, resize_references=False,
+                  callback=cb)
+    assert info.value is not None and seen and seen[0]() is None
+
+
+def test_init_image_of_any_size_and_image_to_image_without_references(ours):
+    big = np.zeros((4000, 6000, 3), np.uint8)
+    out = ours.edit("x", [reference_image(64, 64, 0)], steps=2, width=64, height=64, resize_references=False,
+                    init_image=big, denoise=0.5)[0]
+    assert out.size == (64, 64)
+    seen = {}
+
+    import kontext.pipeline as P
+    real = P.sample_latent
+
+    def spy(*args, **kw):
+        seen.update(size=(kw["width"], kw["height"]))
+        return real(*args, **{**kw, "width": 64, "height": 64, "init_latent": None, "denoise": 1.0})
+
+    P.sample_latent = spy
+    try:
+        ours.edit("x", [], steps=1, init_image=reference_image(300, 200, 0), denoise=0.5)
+    finally:
+        P.sample_latent = real
+    assert seen["size"] == (1248, 832)  # the init image's preferred size, not 1024x1024

@@ -233,3 +233,23 @@ def test_tiny_tokenizers_are_reproducible(tiny_dir, tmp_path):
     assert len(files) == 7
     for rel in files:
         assert (again / rel).read_bytes() == (tiny_dir / rel).read_bytes(), rel
+
+
+@pytest.mark.parametrize("normalizer", [{"type": "Precompiled", "precompiled_charsmap": "!!notb64"},
+                                        {"type": "Precompiled", "precompiled_charsmap": "AAAA"},
+                                        {"type": "Sequence", "normalizers": [None]}, "NFKC"])
+def test_damaged_t5_normalizer_is_a_clear_error(tmp_path, normalizer):
+    import json as _json
+
+    from kontext.errors import KontextError
+    from kontext.text.tiny_tokenizers import write_tiny_tokenizers
+    from kontext.text.tokenizers import load_t5_tokenizer
+
+    folder = write_tiny_tokenizers(tmp_path) / "t5xxl"
+    spec = _json.loads((folder / "tokenizer.json").read_text())
+    spec["normalizer"] = normalizer
+    (folder / "tokenizer.json").write_text(_json.dumps(spec))
+    try:
+        load_t5_tokenizer(folder)  # a normalizer we cannot read is either ignored or refused, never a crash
+    except KontextError as exc:
+        assert "tokenizer.json" in str(exc)

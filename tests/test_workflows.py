@@ -293,3 +293,30 @@ def test_queue_explains_an_unreachable_server_and_bad_files(tmp_path):
     rc, err = queue(str(WORKFLOWS / "api" / "kontext_basic_edit.json"), "--image", str(tmp_path / "no.png"),
                     "--out", str(tmp_path))
     assert rc == 1 and "no such file" in err
+
+
+def test_ui_conversion_takes_primitive_node_values_and_drops_muted_sources():
+    """A seed driven by a PrimitiveNode becomes its value; a link from a muted node is left out, as the front end does."""
+    ui = json.loads((WORKFLOWS / "kontext_text_to_image.json").read_text())
+    sampler = next(n for n in ui["nodes"] if n["type"] == "KontextSampler")
+    link_id = max(l[0] for l in ui["links"]) + 1
+    prim_id = max(n["id"] for n in ui["nodes"]) + 1
+    ui["nodes"].append({"id": prim_id, "type": "PrimitiveNode", "mode": 0, "widgets_values": [123456, "fixed"],
+                        "outputs": [{"name": "INT", "type": "INT", "links": [link_id]}]})
+    ui["links"].append([link_id, prim_id, 0, sampler["id"], 99, "INT"])
+    sampler["inputs"].append({"name": "seed", "type": "INT", "link": link_id, "widget": {"name": "seed"}})
+    api = comfy_queue.ui_to_api(ui, object_info())
+    assert api[str(sampler["id"])]["inputs"]["seed"] == 123456 and str(prim_id) not in api
+    decoder = next(n for n in ui["nodes"] if n["type"] == "KontextVAEDecode")
+    sampler["mode"] = 2  # muted
+    api = comfy_queue.ui_to_api(ui, object_info())
+    assert str(sampler["id"]) not in api and "samples" not in api[str(decoder["id"])]["inputs"]
+
+
+def test_queue_out_that_is_a_file_fails_before_queueing(fake_server, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("x")
+    before = len(FakeComfy.prompts)
+    rc, err = queue(str(WORKFLOWS / "api" / "kontext_text_to_image.json"), "--server", fake_server.removeprefix("http://"),
+                    "--out", str(out))
+    assert rc == 1 and "--out" in err and len(FakeComfy.prompts) == before and out.read_text() == "x"

@@ -243,11 +243,11 @@ def t5_pipeline(tok: Tokenizer, eos_token: str, eos_id: int) -> None:
 
 def _precompiled_charsmap(normalizer: dict | None) -> str | None:
     """The base64 SentencePiece normalisation table of a tokenizer.json normalizer entry, if it has one."""
-    if not normalizer:
+    if not isinstance(normalizer, dict):
         return None
     parts = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
-    for part in parts:
-        if part.get("type") == "Precompiled" and part.get("precompiled_charsmap"):
+    for part in parts if isinstance(parts, list) else []:
+        if isinstance(part, dict) and part.get("type") == "Precompiled" and part.get("precompiled_charsmap"):
             return part["precompiled_charsmap"]
     return None
 
@@ -268,15 +268,15 @@ def load_t5_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
                                 byte_fallback=bool(model.get("byte_fallback", False))))
         tok.add_special_tokens([_added_token(t) for t in spec.get("added_tokens", []) if t.get("special")])
         tok.add_tokens([_added_token(t) for t in spec.get("added_tokens", []) if not t.get("special")])
+        # transformers 5 keeps only the file's SentencePiece normalisation table (an NFKC-like mapping) and
+        # rebuilds the word split; the file's own Metaspace("first") differs from it after a spelled-out special.
+        charsmap = _precompiled_charsmap(spec.get("normalizer"))
+        if charsmap is not None:
+            tok.normalizer = normalizers.Precompiled(base64.b64decode(charsmap, validate=True))
     except CheckpointError:
         raise
-    except Exception as e:  # bad JSON, or a vocabulary the Rust side refuses
+    except Exception as e:  # bad JSON or base64, or a vocabulary or table the Rust side refuses
         raise CheckpointError(path, f"unreadable tokenizer.json ({e})", "a T5 tokenizer.json") from None
-    # transformers 5 keeps only the file's SentencePiece normalisation table (an NFKC-like mapping) and rebuilds
-    # the word split; the file's own Metaspace("first") differs from it right after a spelled-out special token.
-    charsmap = _precompiled_charsmap(spec.get("normalizer"))
-    if charsmap is not None:
-        tok.normalizer = normalizers.Precompiled(base64.b64decode(charsmap))
     eos = special["eos_token"]["content"]
     eos_id = _token_id(tok, eos, path, "end")
     t5_pipeline(tok, eos, eos_id)
