@@ -37,7 +37,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def resolve_dtype(dtype: torch.dtype | None, precision: str | None, device: torch.device) -> torch.dtype:
     if precision not in (None, "auto"):
         if precision not in PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} (or None)")
+            hint = " (fp8 compute is not available yet: fp8 files are dequantised on load)" if \
+                str(precision).lower().startswith(("fp8", "fp4", "nvfp4", "int")) else ""
+            raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} (or None)"
+                             + hint)
         return PRECISIONS[precision]
     dtype = dtype or default_dtype(device)
     if not isinstance(dtype, torch.dtype) or dtype not in PRECISIONS.values():
