@@ -116,8 +116,10 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int] | None) -> Image.
         # PIL's convention for float images is the 0..255 scale of "L" (its own F -> L conversion clips there).
         grey = np.nan_to_num(np.asarray(img, dtype=np.float64))
         img = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
+    if img.mode == "La":  # premultiplied grey + alpha: PIL converts it to RGBA only by way of LA
+        img = img.convert("LA")
     try:
-        has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+        has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info
         if has_alpha and background is not None:
             canvas = Image.new("RGBA", img.size, (*background, 255))
             canvas.alpha_composite(img.convert("RGBA"))

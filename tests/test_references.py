@@ -312,3 +312,10 @@ def test_output_size_defaults_rounding_and_range():
     for bad in (1024.5, True, "1024", -16):
         with pytest.raises(InputError):
             output_size(bad, 1024)
+
+
+def test_premultiplied_grey_alpha_is_composited_like_la():
+    from kontext.references import load_image
+
+    la = Image.new("LA", (8, 8), (100, 128))
+    assert load_image(la.convert("La")).getpixel((0, 0)) == load_image(la).getpixel((0, 0)) == (177, 177, 177)
