@@ -16,9 +16,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_dit_bf16_on_gpu_close_to_fp32_on_cpu(tiny_models):
-    from test_dit import inputs
+    from kontext.ids import image_ids, text_ids
 
-    img, img_ids, txt, txt_ids, t, y, g = inputs(2, batch=2)
+    gen = torch.Generator().manual_seed(0)
+    img_ids = image_ids((8, 12), [(12, 8), (8, 8)], batch=2)  # target 64x96 px, two references
+    img = torch.randn(2, img_ids.shape[1], 64, generator=gen)
+    txt, txt_ids = torch.randn(2, 7, 64, generator=gen), text_ids(7, 2)
+    t, y, g = torch.full((2,), 0.7), torch.randn(2, 64, generator=gen), torch.full((2,), 2.5)
     with torch.no_grad():
         ref = kontext.load_dit(tiny_models["dit"])(img, img_ids, txt, txt_ids, t, y, g)
         gpu = kontext.load_dit(tiny_models["dit"], device="cuda")  # bf16 by default on CUDA
