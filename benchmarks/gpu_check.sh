@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see ../.library/device/README.md): GPU tests, then our DiT step time against
-# diffusers' on the same weights, written to $OUT/gpu_check.log. diffusers and transformers are not on that machine:
-# carry them as wheels in .whl/ (the device README says how) or the peer timing is skipped.
+# diffusers' on the same weights, written to $OUT/gpu_check.log. That machine has torch 2.11, transformers 5.x,
+# pytest, einops, safetensors and tokenizers, but no diffusers: carry its pure-Python wheel, or the peer timing is
+# skipped. Here, once:  echo /.whl/ >> .git/info/exclude; pip download --no-deps diffusers==0.42.1 -d .whl
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
