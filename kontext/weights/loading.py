@@ -104,11 +104,3 @@ def as_device(device: torch.device | str) -> torch.device:
         raise InputError(f"device {device!r} is not available on this machine "
                          f"({torch.cuda.device_count()} CUDA device(s) visible)")
     return dev
-
-
-def strip_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str:
-    """The first prefix that every key starts with (e.g. ComfyUI's 'model.diffusion_model.'), or ''."""
-    for p in prefixes:
-        if keys and all(k.startswith(p) for k in keys):
-            return p
-    return ""
