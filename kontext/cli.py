@@ -195,3 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     except KontextError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # torch.OutOfMemoryError (GPU) is a RuntimeError; a CPU one is MemoryError
+        print(f"error: out of memory ({exc}); try a smaller --width/--height or fewer references", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        print("error: out of GPU memory; try a smaller --width/--height, fewer references, or --device cpu",
+              file=sys.stderr)
+        return 3

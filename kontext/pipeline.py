@@ -23,6 +23,7 @@ from .errors import InputError
 from .ids import METHODS, image_ids, text_ids
 from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, pack, schedule_for_denoise, unpack
 from .vae import SCALE, SHIFT
+from .vae_tiling import decode_or_tiled
 
 log = logging.getLogger(__name__)
 Callback = Callable[[int, int, torch.Tensor], None]
@@ -294,7 +295,7 @@ class KontextPipeline:
                                    steps=steps, guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt,
                                    neg_pooled=neg_pooled, denoise=denoise, init_latent=init_latent,
                                    reference_method=reference_method, callback=callback, batch_size=num_images)
-            pixels = self.vae.decode(latent)
+            pixels = decode_or_tiled(self.vae, latent)
             return to_pil(pixels)
         except BaseException as exc:
             # The traceback keeps the run's frames, and their tensors, alive: drop their locals so that _free

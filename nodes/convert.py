@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from kontext.errors import InputError
+from kontext.vae_tiling import decode_or_tiled
 
 from .host import check_interrupt
 from .placement import Placed
@@ -92,7 +93,7 @@ def vae_decode(vae, samples: torch.Tensor) -> torch.Tensor:
     with vae.running():
         for one in samples:
             check_interrupt()
-            images.append(pixels_to_image(vae.vae.decode(one.unsqueeze(0).to(vae.vae.device))))
+            images.append(pixels_to_image(decode_or_tiled(vae.vae, one.unsqueeze(0).to(vae.vae.device))))
     return torch.cat(images)
 
 

@@ -301,3 +301,17 @@ def test_models_folder_of_a_comfyui_checkout_finds_comfyuis_tokenizers(tmp_path)
     found = find_model_files(models)
     assert found["tokenizers"] == tmp_path / "ComfyUI"
     assert load_tokenizers(found["tokenizers"]).clip_ids("a cat").shape == (1, 77)
+
+
+def test_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import torch
+
+    import kontext.cli as cli
+    from kontext.pipeline import KontextPipeline
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(KontextPipeline, "from_models_dir", boom)
+    assert cli.main(["edit", "--tiny", "--prompt", "x", "--out", str(tmp_path / "o.png")]) == 3
+    assert "out of GPU memory" in capsys.readouterr().err and not (tmp_path / "o.png").exists()

@@ -211,3 +211,42 @@ def test_bad_files_raise_checkpoint_error(files, tmp_path, case):
     assert path.name in msg and phrase in msg, msg
     if case in ("sdxl", "quant16", "dit", "clip"):  # wrong model kind: the message says what was expected
         assert "16-channel Flux VAE" in msg, msg
+
+
+def test_tiled_decode_equals_whole_decode_when_one_tile_covers_it_and_blends_otherwise():
+    from kontext.vae import AutoEncoder, VAEConfig, tiny_state_dict
+    from kontext.vae_tiling import decode_tiled
+
+    vae = AutoEncoder(VAEConfig.tiny())
+    vae.load_state_dict(tiny_state_dict(0))
+    z = torch.randn(1, 16, 12, 20, generator=torch.Generator().manual_seed(0))
+    whole = vae.decode(z)
+    assert torch.allclose(decode_tiled(vae, z, tile=32), whole, atol=1e-6)
+    tiled = decode_tiled(vae, z, tile=8, overlap=4)  # 6 overlapping tiles
+    assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    # Away from the mid-block's global attention the decoders agree closely: tiles change the picture only a little.
+    assert (tiled - whole).abs().mean() < 0.5 * whole.abs().mean()
+
+
+def test_out_of_memory_falls_back_to_tiles(monkeypatch, caplog):
+    from kontext.vae import AutoEncoder, VAEConfig, tiny_state_dict
+    from kontext.vae_tiling import decode_or_tiled
+
+    vae = AutoEncoder(VAEConfig.tiny())
+    vae.load_state_dict(tiny_state_dict(0))
+    z = torch.randn(1, 16, 72, 72, generator=torch.Generator().manual_seed(1))
+    real = vae.decode
+    sizes = []
+
+    def decode(latent):  # a GPU that fits a 64x64 latent tile (512 px) but not the whole 72x72
+        sizes.append(tuple(latent.shape[2:]))
+        if max(latent.shape[2:]) > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(latent)
+
+    monkeypatch.setattr(vae, "decode", decode)
+    with caplog.at_level("WARNING"):
+        out = decode_or_tiled(vae, z)
+    assert out.shape == (1, 3, 576, 576) and torch.isfinite(out).all()
+    assert "out of GPU memory" in caplog.text and sizes[0] == (72, 72) and set(sizes[1:]) == {(64, 64)}
+    assert len(sizes) == 5  # the whole attempt, then 2 x 2 overlapping tiles
