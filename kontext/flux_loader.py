@@ -12,24 +12,12 @@ from .errors import CheckpointError, InputError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
 from .weights import Checkpoint, load_plan
 from .weights.checkpoint import resolve_model_path
+from .weights.identify import describe
 from .weights.loading import as_device
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OTHER_MODELS = {  # marker key -> what the file really is, for a helpful error
-    "encoder.down.0.block.0.conv1.weight": "a Flux VAE (ae.safetensors): load it with the VAE loader",
-    "encoder.down_blocks.0.resnets.0.conv1.weight": "a diffusers VAE",
-    "first_stage_model.encoder.down.0.block.0.conv1.weight": "a Stable Diffusion checkpoint",
-    "model.diffusion_model.input_blocks.0.0.weight": "an SD1/SDXL UNet checkpoint",
-    "input_blocks.0.0.weight": "an SD1/SDXL UNet",
-    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": "an SDXL checkpoint",
-    "text_model.embeddings.token_embedding.weight": "a CLIP text encoder",
-    "encoder.block.0.layer.0.SelfAttention.q.weight": "a T5 text encoder",
-    "shared.weight": "a T5 text encoder",
-}
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -48,14 +36,6 @@ def resolve_dtype(dtype: torch.dtype | None, precision: str | None, device: torc
     return dtype
 
 
-def identify(ckpt: Checkpoint) -> str:
-    keys = set(ckpt.weight_keys())
-    for marker, what in OTHER_MODELS.items():
-        if marker in keys:
-            return what
-    return f"{len(keys)} tensors such as {', '.join(sorted(keys)[:3])}"
-
-
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              precision: str | None = None) -> FluxDiT:
     """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled) or diffusers checkpoint.
@@ -67,7 +47,8 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     ckpt = Checkpoint(resolve_model_path(path, "transformer"))
     found = detect(ckpt.weight_keys())
     if found is None:
-        raise CheckpointError(ckpt.path, f"is not a Flux DiT checkpoint: it looks like {identify(ckpt)}",
+        kind = describe(ckpt.weight_keys())
+        raise CheckpointError(ckpt.path, f"is not a Flux DiT checkpoint: it looks like {kind}",
                               "a FLUX.1 Kontext diffusion model (BFL, ComfyUI fp8_scaled or diffusers layout)")
     layout, prefix = found
     config = config_from_shapes(ckpt, layout, prefix)

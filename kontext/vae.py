@@ -21,6 +21,7 @@ from torch import nn
 from .errors import CheckpointError, InputError
 from .weights import Checkpoint, Plan, Source, load_plan
 from .weights.checkpoint import resolve_model_path
+from .weights.identify import describe
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +238,9 @@ def diffusers_name(name: str, levels: int) -> str:
     return name
 
 
-_OTHER_MODELS = (("double_blocks.", "a Flux diffusion transformer"), ("transformer_blocks.", "a diffusion transformer"),
-                 ("text_model.", "a CLIP text encoder"), ("encoder.block.", "a T5 text encoder"),
-                 ("input_blocks.", "a UNet (SD 1.x/SDXL)"))
-
-
 def _not_a_vae(ckpt: Checkpoint) -> CheckpointError:
-    keys = ckpt.weight_keys()
-    kind = next((f"it looks like {what}; " for marker, what in _OTHER_MODELS if any(marker in k for k in keys)), "")
-    return CheckpointError(ckpt.path, f"holds no VAE encoder/decoder tensors ({kind}first keys: "
-                                      f"{', '.join(keys[:3])})", EXPECTED)
+    return CheckpointError(ckpt.path, f"holds no VAE encoder/decoder tensors (it looks like "
+                                      f"{describe(ckpt.weight_keys())})", EXPECTED)
 
 
 def _find_prefix(ckpt: Checkpoint) -> str:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..weights.checkpoint import Checkpoint, resolve_model_path
+from ..weights.identify import describe
 from ..weights.loading import Plan, Source, load_plan
 
 log = logging.getLogger(__name__)
@@ -157,28 +158,12 @@ def check_ids(ids: torch.Tensor, vocab: int, max_len: int | None, what: str) -> 
 
 # ---- shared by the CLIP and T5 loaders ----
 
-def guess_kind(keys: list[str]) -> str:
-    """What a checkpoint looks like from its tensor names, for error messages."""
-    def has(s: str) -> bool:
-        return any(s in k for k in keys)
-    if has("double_blocks.") or has("single_transformer_blocks.") or has("transformer_blocks."):
-        return "a FLUX diffusion model (DiT)"
-    if has("embeddings.token_embedding."):
-        return "a CLIP text encoder"
-    if has("block.0.layer.0.SelfAttention."):
-        return "a T5 text encoder"
-    if has("decoder.conv_in.") or has("encoder.conv_in."):
-        return "a VAE"
-    return "an unknown model"
-
-
 def find_prefix(ckpt: Checkpoint, marker: str, what: str, expected: str) -> str:
     """The prefix before `marker` in the file's keys ('' for a bare layout), or a clear error if it has none."""
     keys = ckpt.weight_keys()
     found = sorted({k[: -len(marker)] for k in keys if k.endswith(marker) and k[: -len(marker)][-1:] in ("", ".")})
     if not found:
-        raise CheckpointError(ckpt.path, f"is not {what}: it looks like {guess_kind(keys)} ({len(keys)} tensors, "
-                                         f"first {', '.join(keys[:3])})", expected)
+        raise CheckpointError(ckpt.path, f"is not {what}: it looks like {describe(keys)}", expected)
     if len(found) > 1:
         raise CheckpointError(ckpt.path, f"holds several {what}s (prefixes {found})", f"exactly one {what}")
     return found[0]
