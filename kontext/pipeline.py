@@ -257,7 +257,7 @@ class KontextPipeline:
         """
         from PIL import Image
 
-        from .references import load_image, output_size, prepare_reference, to_pil, to_tensor
+        from .references import load_image, output_size, preferred_size, prepare_reference, to_pil, to_tensor
 
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -265,10 +265,13 @@ class KontextPipeline:
         if isinstance(references, (str, bytes)) or not isinstance(references, Sequence):
             references = [references]
         prepared = [prepare_reference(r, resize=resize_references) for r in references]
+        init = None  # image-to-image starts from init_image, else from the first (prepared) reference
+        if denoise < 1.0:
+            init = load_image(init_image) if init_image is not None else (prepared[0] if prepared else None)
+            if init is None:
+                raise InputError("denoise < 1 needs an init image or a reference to start from")
         # Size: the first reference's; for image-to-image without references, the init image's preferred size.
-        size_from = prepared[0].size if prepared else None
-        if size_from is None and init_image is not None and denoise < 1.0:
-            size_from = prepare_reference(init_image, resize=True).size
+        size_from = prepared[0].size if prepared else (preferred_size(*init.size) if init is not None else None)
         w, h = output_size(width, height, size_from)
         if true_cfg > 1.0 and negative_prompt is None:
             # diffusers runs true CFG only with a negative prompt; say so rather than silently ignore it.
@@ -284,11 +287,7 @@ class KontextPipeline:
             txt, pooled = txt[:1], pooled[:1]
             ref_latents = [self.vae.encode(to_tensor(p).to(self.device)).float() for p in prepared]
             init_latent = None
-            if denoise < 1.0:
-                init = init_image if init_image is not None else (prepared[0] if prepared else None)
-                if init is None:
-                    raise InputError("denoise < 1 needs an init image or a reference to start from")
-                init = load_image(init)
+            if init is not None:
                 init = init.resize((w, h), Image.Resampling.LANCZOS) if init.size != (w, h) else init
                 init_latent = self.vae.encode(to_tensor(init).to(self.device)).float()
             latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h, seed=seed,
