@@ -150,20 +150,21 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
     x = noise.to(device)  # [B, 16, h, w] model-space latent, float32 throughout (the DiT casts to its own dtype)
     last = _Step()
 
-    def predict(z: torch.Tensor, cond_txt: torch.Tensor, cond_pooled: torch.Tensor, t: torch.Tensor):
-        tokens = pack(pad_to_patches(z))  # [B, N, 64], target tokens first, then the references'
-        n_target = tokens.shape[1]
-        img = tokens if ref_tokens is None else torch.cat([tokens, ref_tokens], dim=1)
-        v = dit(img, ids, cond_txt, txt_ids, t, cond_pooled, g)[:, :n_target].float()
-        return unpack(v, hp, wp)[:, :, :h, :w]
+    n_target = ((h + 1) // 2) * ((w + 1) // 2)
+
+    def predict(img: torch.Tensor, cond_txt: torch.Tensor, cond_pooled: torch.Tensor, t: torch.Tensor):
+        return dit(img, ids, cond_txt, txt_ids, t, cond_pooled, g)[:, :n_target].float()  # target tokens only
 
     def velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
         # diffusers hands the model float32(sigma * 1000) / 1000; reproduce that rounding for bit-level parity.
         t = (torch.tensor(sigma, dtype=torch.float32) * 1000 / 1000).expand(B).to(device)
-        v = predict(z, txt, pooled, t)
+        img = pack(pad_to_patches(z))  # [B, N, 64]: target tokens first, then the references' (built once a step)
+        img = img if ref_tokens is None else torch.cat([img, ref_tokens], dim=1)
+        v = predict(img, txt, pooled, t)
         if true_cfg > 1.0:
-            v_neg = predict(z, neg_txt, neg_pooled, t)
+            v_neg = predict(img, neg_txt, neg_pooled, t)
             v = v_neg + true_cfg * (v - v_neg)
+        v = unpack(v, hp, wp)[:, :, :h, :w]
         last.v = v
         return v
 
