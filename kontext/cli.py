@@ -162,13 +162,11 @@ def run_download(args) -> int:
 
 
 def add_queue(sub) -> None:
-    try:
-        from . import comfy_queue
-    except ImportError:
-        return
+    from . import cli_queue
+
     p = sub.add_parser("queue", help="queue a workflow on a ComfyUI server and download its images")
-    comfy_queue.add_arguments(p)
-    p.set_defaults(run=comfy_queue.run)
+    cli_queue.add_arguments(p)
+    p.set_defaults(run=cli_queue.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext import comfy_queue
+from kontext import cli_queue, comfy_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -244,10 +244,10 @@ def fake_server():
 
 def queue(*argv: str) -> tuple[int, str]:
     parser = argparse.ArgumentParser()
-    comfy_queue.add_arguments(parser)
+    cli_queue.add_arguments(parser)
     err = io.StringIO()
     with redirect_stderr(err):
-        rc = comfy_queue.run(parser.parse_args(list(argv)))
+        rc = cli_queue.run(parser.parse_args(list(argv)))
     return rc, err.getvalue()
 
 
