@@ -4,16 +4,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import tiny
 from .errors import InputError
 
 # Folder names ComfyUI uses (newest first) and the file names to look for, best first.
 CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "dit": (("diffusion_models", "unet"),
-            ("flux1-kontext-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors", "kontext-tiny.safetensors")),
-    "vae": (("vae",), ("ae.safetensors", "ae-tiny.safetensors")),
-    "clip_l": (("text_encoders", "clip"), ("clip_l.safetensors", "clip_l-tiny.safetensors")),
+            ("flux1-kontext-dev.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors", tiny.DIT_NAME)),
+    "vae": (("vae",), ("ae.safetensors", tiny.VAE_NAME)),
+    "clip_l": (("text_encoders", "clip"), ("clip_l.safetensors", tiny.CLIP_NAME)),
     "t5xxl": (("text_encoders", "clip"),
-              ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "t5xxl-tiny.safetensors")),
+              ("t5xxl_fp16.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", tiny.T5_NAME)),
 }
 
 

@@ -88,6 +88,7 @@ class KontextSampler:
 
     def sample(self, dit, positive, seed: int, steps: int, guidance: float, true_cfg: float, width: int,
                height: int, denoise: float, negative=None, latent=None):
+        from kontext.ids import tokens as patches
         from kontext.pipeline import sample_latent
         from kontext.references import output_size
 
@@ -134,7 +135,8 @@ class KontextSampler:
                                  f"{w}x{h}: set both to 0 to follow the latent, or match its size")
 
         cfg = dit.dit.config
-        tokens = (w // 16) * (h // 16) + sum((r.shape[-1] // 2) * (r.shape[-2] // 2) for r in refs) + txt.shape[1]
+        image_tokens = [(h // 8, w // 8)] + [tuple(r.shape[-2:]) for r in refs]  # latent sizes
+        tokens = sum(patches(a) * patches(b) for a, b in image_tokens) + txt.shape[1]
         extra = activation_bytes(tokens, cfg.hidden_size, batch, 2 if neg_txt is not None else 1,
                                  next(dit.dit.parameters()).dtype)
         log.info("Kontext Sampler: %dx%d, %d reference(s), %d steps, guidance %.2f, true_cfg %.2f, seed %d",
