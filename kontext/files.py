@@ -19,7 +19,7 @@ CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def find_model_files(models: str | os.PathLike) -> dict[str, Path]:
-    """Paths of the DiT, VAE, CLIP-L, T5-XXL (and tokenizers/ if present) inside `models`."""
+    """Paths of the DiT, VAE, CLIP-L, T5-XXL (and a tokenizers/ folder if present; else the packaged tokenizers apply) inside `models`."""
     root = Path(models).expanduser()
     if not root.is_dir():
         raise InputError(f"models folder {root} does not exist")
@@ -30,8 +30,6 @@ def find_model_files(models: str | os.PathLike) -> dict[str, Path]:
             wanted = " or ".join(f"{folders[0]}/{n}" for n in names[:2])
             raise InputError(f"no {role} model in {root}: expected {wanted} (see `python -m kontext download`)")
         found[role] = hits[0]
-    if (root / "tokenizers").is_dir():  # make-tiny's, or `python -m kontext download`'s
+    if (root / "tokenizers").is_dir():  # make-tiny's (its own small vocabularies), or `download`'s
         found["tokenizers"] = root / "tokenizers"
-    elif (root.parent / "comfy" / "sd1_tokenizer").is_dir():  # the models/ folder of a ComfyUI checkout
-        found["tokenizers"] = root.parent
     return found

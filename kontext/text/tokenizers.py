@@ -9,20 +9,19 @@ text through ftfy + html.unescape when ftfy is installed (curly quotes, mojibake
 BERT's BasicTokenizer (each CJK character its own word, control and zero-width characters dropped); its T5TokenizerFast
 adds no "▁" to a word glued to a spelled-out special token ("a</s>b"). Plain prompts give the same ids everywhere.
 
-Files are found in one folder holding the two tokenizer folders, in any of these layouts:
+The package ships the real files (CLIP-L's vocab and merges, MIT, OpenAI; T5 v1.1's tokenizer.json, Apache-2.0,
+Google) under `tokenizer_data/`, so nothing needs to be found. A folder given explicitly, or $KONTEXT_TOKENIZERS, wins;
+it may hold the two tokenizer folders in any of these layouts:
   ours            clip_l/{vocab.json, merges.txt}       t5xxl/tokenizer.json
   Hugging Face    tokenizer/{vocab.json, merges.txt}    tokenizer_2/tokenizer.json
   ComfyUI tree    comfy/sd1_tokenizer/...               comfy/text_encoders/t5_tokenizer/tokenizer.json
-With no folder given: $KONTEXT_TOKENIZERS, else the files ComfyUI ships in its own tree when ComfyUI is running.
 """
 from __future__ import annotations
 
 import base64
-import importlib
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from kontext.errors import CheckpointError, InputError
 log = logging.getLogger(__name__)
 
 ENV_VAR = "KONTEXT_TOKENIZERS"
+PACKAGED = Path(__file__).resolve().parent / "tokenizer_data"  # clip_l/ and t5xxl/, shipped with the package
 CLIP_LENGTH = 77
 T5_LENGTH = 512
 CLIP_FILES = ("vocab.json", "merges.txt")
@@ -97,7 +97,7 @@ class Tokenizers:
 
 
 def load_tokenizers(dir: str | os.PathLike | None = None) -> Tokenizers:
-    """Both tokenizers from `dir` (any layout above), else $KONTEXT_TOKENIZERS, else ComfyUI's own copies."""
+    """Both tokenizers from `dir` (any layout above), else $KONTEXT_TOKENIZERS, else the packaged copies."""
     clip_dir, t5_dir = find_tokenizer_dirs(dir)
     return Tokenizers(clip=load_clip_tokenizer(clip_dir), t5=load_t5_tokenizer(t5_dir))
 
@@ -107,12 +107,8 @@ def load_tokenizers(dir: str | os.PathLike | None = None) -> Tokenizers:
 def find_tokenizer_dirs(dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """(CLIP folder, T5 folder), each checked to hold its files; CheckpointError naming what is missing."""
     if dir is None:
-        # An explicit setting beats the implicit default, so the variable also works inside ComfyUI.
-        dir = os.environ.get(ENV_VAR) or _comfy_root()
-        if dir is None:
-            raise CheckpointError("(no tokenizer folder)", "no folder given, $" + ENV_VAR + " is not set and "
-                                  "ComfyUI is not running", "load_tokenizers(dir) with a folder holding clip_l/ "
-                                  "and t5xxl/ (or the Hugging Face repo's tokenizer/ and tokenizer_2/)")
+        # An explicit setting beats the packaged default, so the variable also works inside ComfyUI.
+        dir = os.environ.get(ENV_VAR) or PACKAGED
     root = Path(dir).expanduser()
     if not root.is_dir():
         raise CheckpointError(root, "tokenizer folder does not exist", "a folder holding clip_l/ and t5xxl/")
@@ -125,18 +121,6 @@ def find_tokenizer_dirs(dir: str | os.PathLike | None = None) -> tuple[Path, Pat
     wanted = " or ".join(f"{c}/ + {t}/" for c, t in LAYOUTS[:2])
     raise CheckpointError(root, "holds no tokenizer folders", wanted)
 
-
-def _comfy_root() -> Path | None:
-    """ComfyUI's code root (where folder_paths.py lives) when ComfyUI is running, else None."""
-    module = sys.modules.get("folder_paths")
-    if module is None:
-        try:  # importable only inside a ComfyUI process or checkout; anything going wrong means "not ComfyUI"
-            module = importlib.import_module("folder_paths")
-        except Exception:
-            return None
-    file = getattr(module, "__file__", None)
-    # The code tree, not folder_paths.base_path: --base-directory moves models/ but not comfy/.
-    return Path(file).resolve().parent if file else None
 
 
 def _check_files(folder: Path, names: tuple[str, ...], what: str) -> None:
