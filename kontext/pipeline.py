@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .dit import FluxDiT
 from .errors import InputError
 from .ids import METHODS, image_ids, text_ids
-from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, pack, schedule_for_denoise, unpack
+from .sampling import (euler_sample, flux_schedule, noise_for_denoise, noise_latent, pack, pad_to_patches,
+                       schedule_for_denoise, unpack)
 from .vae import SCALE, SHIFT
 from .vae_tiling import decode_or_tiled
 
@@ -70,12 +70,6 @@ def _batched(t: torch.Tensor, B: int, name: str, device: torch.device) -> torch.
     if t.shape[0] >= 1 and B % t.shape[0] == 0:
         return t.to(device).repeat_interleave(B // t.shape[0], dim=0)
     raise InputError(f"{name} has batch {t.shape[0]}, which does not divide the batch of {B}")
-
-
-def pad_to_patches(z: torch.Tensor) -> torch.Tensor:
-    """A latent [B, C, h, w] padded to whole 2x2 patches, circularly (as ComfyUI pads odd latents)."""
-    pad = (0, z.shape[3] % 2, 0, z.shape[2] % 2)
-    return F.pad(z, pad, mode="circular") if any(pad) else z
 
 
 def _reference_tokens(raw: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import operator
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import InputError
@@ -95,6 +96,12 @@ def pack(latent: torch.Tensor) -> torch.Tensor:
     if latent.dim() != 4 or latent.shape[2] % 2 or latent.shape[3] % 2:
         raise InputError(f"cannot pack a latent of shape {list(latent.shape)}: expected [B, C, h, w], h and w even")
     return rearrange(latent, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+
+
+def pad_to_patches(z: torch.Tensor) -> torch.Tensor:
+    """A latent [B, C, h, w] padded to whole 2x2 patches, circularly (as ComfyUI pads odd latents)."""
+    pad = (0, z.shape[3] % 2, 0, z.shape[2] % 2)
+    return F.pad(z, pad, mode="circular") if any(pad) else z
 
 
 def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
