@@ -284,23 +284,18 @@ def test_out_suffix_chooses_the_format_and_unknown_suffixes_are_refused(tmp_path
             output_format(tmp_path / bad)
 
 
-def test_models_folder_of_a_comfyui_checkout_finds_comfyuis_tokenizers(tmp_path):
-    """`--models ~/ComfyUI/models` outside ComfyUI: the tokenizer files ComfyUI keeps in its code tree are used."""
+def test_models_folder_without_tokenizers_uses_the_packaged_ones(tmp_path):
+    """A ComfyUI models/ folder has no tokenizer files: the copies shipped inside the package are used."""
     import shutil
 
     from kontext.files import find_model_files
-    from kontext.text.tokenizers import load_tokenizers
+    from kontext.text.tokenizers import PACKAGED, find_tokenizer_dirs
 
-    models = tmp_path / "ComfyUI" / "models"
+    models = tmp_path / "models"
     kontext.tiny.make_tiny(models)
-    comfy = tmp_path / "ComfyUI" / "comfy"
-    (comfy / "text_encoders").mkdir(parents=True)
-    shutil.move(models / "tokenizers" / "clip_l", comfy / "sd1_tokenizer")
-    shutil.move(models / "tokenizers" / "t5xxl", comfy / "text_encoders" / "t5_tokenizer")
-    (models / "tokenizers").rmdir()
-    found = find_model_files(models)
-    assert found["tokenizers"] == tmp_path / "ComfyUI"
-    assert load_tokenizers(found["tokenizers"]).clip_ids("a cat").shape == (1, 77)
+    shutil.rmtree(models / "tokenizers")
+    assert "tokenizers" not in find_model_files(models)
+    assert find_tokenizer_dirs(None) == (PACKAGED / "clip_l", PACKAGED / "t5xxl")
 
 
 def test_out_of_memory_is_a_message_not_a_traceback(monkeypatch, capsys, tmp_path):

@@ -15,11 +15,11 @@ import torch
 import kontext
 from kontext.errors import CheckpointError, InputError
 from kontext.text.tiny_tokenizers import CLIP_BOS_ID, CLIP_EOS_ID, write_tiny_tokenizers
-from kontext.text.tokenizers import ENV_VAR, load_tokenizers
+from kontext.text.tokenizers import ENV_VAR, PACKAGED, load_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
+REAL = PACKAGED  # the real CLIP-L and T5 files, shipped inside the package
 LONG = " ".join(f"word{i % 7} and" for i in range(1000))  # 2000 words: far past both limits
 PROMPTS = [
     "a photo of a cat",
@@ -54,8 +54,6 @@ def tiny_dir(tmp_path_factory) -> Path:
 def folder(request, tiny_dir) -> Path:
     if request.param == "tiny":
         return tiny_dir
-    if not (REAL / "clip_l" / "vocab.json").exists():
-        pytest.skip(f"real tokenizer files not found at {REAL}")
     return REAL
 
 
@@ -135,16 +133,10 @@ def test_folder_layouts_give_the_same_ids(tiny_dir, tmp_path, monkeypatch):
     comfy = tmp_path / "ComfyUI"  # ComfyUI ships the files inside its own code tree
     _copy(tiny_dir / "clip_l", comfy / "comfy" / "sd1_tokenizer")
     _copy(tiny_dir / "t5xxl", comfy / "comfy" / "text_encoders" / "t5_tokenizer")
-    (comfy / "folder_paths.py").write_text("")
 
-    found = {"hf": load_tokenizers(hf), "comfy root": load_tokenizers(str(comfy))}
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    fake = types.ModuleType("folder_paths")
-    fake.__file__ = str(comfy / "folder_paths.py")
-    monkeypatch.setitem(sys.modules, "folder_paths", fake)
-    found["running ComfyUI"] = load_tokenizers()
-    assert found["running ComfyUI"].clip.folder == comfy / "comfy" / "sd1_tokenizer"
-    monkeypatch.setenv(ENV_VAR, str(hf))  # an explicit setting wins over ComfyUI's copies
+    found = {"hf": load_tokenizers(hf), "comfy root": load_tokenizers(str(comfy)),
+             "comfy package": load_tokenizers(comfy / "comfy")}
+    monkeypatch.setenv(ENV_VAR, str(hf))  # an explicit setting wins over the packaged copies
     found["env"] = load_tokenizers()
     assert found["env"].t5.folder == hf / "tokenizer_2"
     for name, tk in found.items():
@@ -180,11 +172,11 @@ def test_spiece_model_only_is_refused_with_reason(tiny_dir, tmp_path):
         load_tokenizers(hf)
 
 
-def test_no_folder_anywhere(tmp_path, monkeypatch):
+def test_no_folder_given_uses_the_packaged_files_and_a_bad_folder_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setitem(sys.modules, "folder_paths", None)  # makes `import folder_paths` fail: not in ComfyUI
-    with pytest.raises(CheckpointError, match=ENV_VAR):
-        load_tokenizers()
+    packaged = load_tokenizers()
+    assert packaged.clip.folder == PACKAGED / "clip_l" and packaged.t5.folder == PACKAGED / "t5xxl"
+    assert packaged.clip.tokenizer.get_vocab_size() == 49408 and packaged.t5.tokenizer.get_vocab_size() == 32100
     with pytest.raises(CheckpointError, match="holds no tokenizer folders"):
         load_tokenizers(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
