@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
