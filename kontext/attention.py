@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .rope import apply_rope
+from .rope import Positions, apply_rope
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: Positions) -> torch.Tensor:
     """q, k, v [B, H, N, D] -> [B, N, H*D], with RoPE on q and k, full (unmasked) attention."""
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q, k, v)
     return x.transpose(1, 2).flatten(2)  # [B, N, H*D]

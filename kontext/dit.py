@@ -2,7 +2,11 @@
 
 Reference images are just more image tokens: the caller appends their packed latents after the target tokens and gives
 them ids with a non-zero index, so the model needs no special path for them; it predicts every image token and the
-caller keeps the first (target) ones.
+caller keeps the first (target) ones (`kontext.denoiser.Denoiser` does all of that once per run).
+
+The compute dtype is stated when the model is built, not read off a weight: weights may be stored in another format
+(fp8, see `kontext.ops`) or live elsewhere (offloaded, streamed). Activations run in `compute_dtype` on the device of
+the inputs.
 """
 from __future__ import annotations
 
@@ -11,18 +15,24 @@ from torch import nn
 
 from .config import FluxConfig
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
-from .rope import rope_cos_sin
+from .ops import make_linear
+from .rope import Positions, positions
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class FluxDiT(nn.Module):
-    def __init__(self, config: FluxConfig):
+    def __init__(self, config: FluxConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype {dtype} is not one of {COMPUTE_DTYPES}")
         c = self.config = config
-        self.img_in = nn.Linear(c.in_channels, c.hidden_size)
+        self.compute_dtype = dtype
+        self.img_in = make_linear(c.in_channels, c.hidden_size)
         self.time_in = MLPEmbedder(256, c.hidden_size)
         self.vector_in = MLPEmbedder(c.vec_in_dim, c.hidden_size)
         self.guidance_in = MLPEmbedder(256, c.hidden_size) if c.guidance_embed else None
-        self.txt_in = nn.Linear(c.context_in_dim, c.hidden_size)
+        self.txt_in = make_linear(c.context_in_dim, c.hidden_size)
         self.double_blocks = nn.ModuleList(
             DoubleStreamBlock(c.hidden_size, c.num_heads, c.mlp_hidden, c.qkv_bias) for _ in range(c.depth))
         self.single_blocks = nn.ModuleList(
@@ -31,36 +41,43 @@ class FluxDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        return self.compute_dtype
 
-    @property
-    def device(self) -> torch.device:
-        return self.img_in.weight.device
+    def positions(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> Positions:
+        """RoPE tables for the joint [text, image] sequence; build once per run and pass to `forward(pe=...)`."""
+        return positions(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.theta)
 
     def conditioning_vector(self, timesteps: torch.Tensor, y: torch.Tensor,
                             guidance: torch.Tensor | None) -> torch.Tensor:
         """vec [B, hidden] from the timestep, the guidance scalar and the CLIP pooled vector."""
-        vec = self.time_in(timestep_embedding(timesteps, 256).to(self.dtype))
+        dtype = self.compute_dtype
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.guidance_in is not None:
             if guidance is None:
                 raise ValueError("this model embeds guidance: pass a guidance value (2.5 is Kontext's default)")
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(self.dtype))
-        return vec + self.vector_in(y.to(self.dtype))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        return vec + self.vector_in(y.to(dtype))
 
-    def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
-                timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, img_ids: torch.Tensor | None, txt: torch.Tensor,
+                txt_ids: torch.Tensor | None, timesteps: torch.Tensor, y: torch.Tensor,
+                guidance: torch.Tensor | None = None, pe: Positions | None = None) -> torch.Tensor:
         """img [B, N, 64] packed tokens (target, then references), ids [B, *, 3], txt [B, L, ctx], y [B, vec],
-        timesteps [B] in [0, 1], guidance [B] -> velocity prediction [B, N, 64] for every image token."""
+        timesteps [B] in [0, 1], guidance [B] -> velocity prediction [B, N, 64] for every image token.
+
+        `pe`, the RoPE tables of `positions(txt_ids, img_ids)`, replaces the ids when given (the per-step path)."""
         if img.dim() != 3 or txt.dim() != 3:
             raise ValueError(f"img and txt must be [B, N, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
-        dtype = self.dtype
+        if pe is None:
+            if img_ids is None or txt_ids is None:
+                raise ValueError("pass the token ids (img_ids, txt_ids) or their precomputed positions (pe)")
+            pe = self.positions(txt_ids, img_ids)
+        dtype = self.compute_dtype
         vec = self.conditioning_vector(timesteps, y, guidance)
         img = self.img_in(img.to(dtype))
         txt = self.txt_in(txt.to(dtype))
-        cos, sin = rope_cos_sin(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.theta)
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, cos, sin)
+            img, txt = block(img, txt, vec, pe)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, cos, sin)
+            x = block(x, vec, pe)
         return self.final_layer(x[:, txt.shape[1]:], vec)

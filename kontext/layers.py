@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,8 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
+from .ops import make_linear
+from .rope import Positions
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10_000, time_factor: float = 1000.0) -> torch.Tensor:
@@ -23,8 +26,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10_000, time
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden)
-        self.out_layer = nn.Linear(hidden, hidden)
+        self.in_layer = make_linear(in_dim, hidden)
+        self.out_layer = make_linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_layer(F.silu(self.in_layer(x)))
@@ -52,17 +55,26 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
 
 
+@dataclass
+class ModulationOut:
+    """One (shift, scale, gate) triple, each [B, 1, dim]: x -> (1 + scale) * norm(x) + shift, residual += gate * f."""
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
 class Modulation(nn.Module):
-    """Projects the conditioning vector to `n` (shift, scale, gate) triples of width `dim`."""
+    """Projects the conditioning vector to `n` ModulationOut triples of width `dim` (2 per double-stream stream,
+    1 per single-stream block)."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
         self.n = n
-        self.lin = nn.Linear(dim, 3 * n * dim)
+        self.lin = make_linear(dim, 3 * n * dim)
 
-    def forward(self, vec: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(self, vec: torch.Tensor) -> list[ModulationOut]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.n, dim=-1)  # each [B, 1, dim]
-        return [tuple(out[3 * i: 3 * i + 3]) for i in range(self.n)]
+        return [ModulationOut(*out[3 * i: 3 * i + 3]) for i in range(self.n)]
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -78,9 +90,9 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = make_linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = make_linear(dim, dim)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -88,31 +100,39 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+class MLP(nn.Sequential):
+    """hidden -> mlp_hidden -> hidden with tanh-GELU; a Sequential so the parameters are named 0.* and 2.* as BFL's."""
+
+    def __init__(self, dim: int, mlp_hidden: int):
+        super().__init__(make_linear(dim, mlp_hidden), nn.GELU(approximate="tanh"), make_linear(mlp_hidden, dim))
+
+
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with their own weights, joined in one attention over [txt, img] tokens."""
 
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool):
         super().__init__()
-        for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", Modulation(dim, 2))
-            setattr(self, f"{s}_attn", SelfAttention(dim, num_heads, qkv_bias))
-            setattr(self, f"{s}_mlp", nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"),
-                                                    nn.Linear(mlp_hidden, dim)))
+        self.img_mod = Modulation(dim, 2)
+        self.img_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.img_mlp = MLP(dim, mlp_hidden)
+        self.txt_mod = Modulation(dim, 2)
+        self.txt_attn = SelfAttention(dim, num_heads, qkv_bias)
+        self.txt_mlp = MLP(dim, mlp_hidden)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (img_sh1, img_sc1, img_g1), (img_sh2, img_sc2, img_g2) = self.img_mod(vec)
-        (txt_sh1, txt_sc1, txt_g1), (txt_sh2, txt_sc2, txt_g2) = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_sh1, img_sc1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_sh1, txt_sc1))
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                pe: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        img_mod1, img_mod2 = self.img_mod(vec)  # before attention, before the MLP
+        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_mod1.shift, img_mod1.scale))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_mod1.shift, txt_mod1.scale))
         # Text tokens come first in the joint sequence, matching the order of the ids.
         attn = attention(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2),
-                         cos, sin)
+                         pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-        img = img + img_g1 * self.img_attn.proj(img_attn)
-        img = img + img_g2 * self.img_mlp(modulate(layer_norm(img), img_sh2, img_sc2))
-        txt = txt + txt_g1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_g2 * self.txt_mlp(modulate(layer_norm(txt), txt_sh2, txt_sc2))
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod2.gate * self.img_mlp(modulate(layer_norm(img), img_mod2.shift, img_mod2.scale))
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod2.gate * self.txt_mlp(modulate(layer_norm(txt), txt_mod2.shift, txt_mod2.scale))
         return img, txt
 
 
@@ -122,25 +142,26 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
         self.dim, self.num_heads, self.mlp_hidden = dim, num_heads, mlp_hidden
-        self.linear1 = nn.Linear(dim, dim * 3 + mlp_hidden)
-        self.linear2 = nn.Linear(dim + mlp_hidden, dim)
+        self.linear1 = make_linear(dim, dim * 3 + mlp_hidden)  # q, k, v and the MLP's input, fused
+        self.linear2 = make_linear(dim + mlp_hidden, dim)  # attention output and MLP hidden, fused
         self.norm = QKNorm(dim // num_heads)
         self.modulation = Modulation(dim, 1)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ((shift, scale, gate),) = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(layer_norm(x), shift, scale)).split([3 * self.dim, self.mlp_hidden], -1)
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: Positions) -> torch.Tensor:
+        (mod,) = self.modulation(vec)
+        qkv, mlp = self.linear1(modulate(layer_norm(x), mod.shift, mod.scale)).split([3 * self.dim, self.mlp_hidden],
+                                                                                    -1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, cos, sin), F.gelu(mlp, approximate="tanh")), -1))
-        return x + gate * out
+        out = self.linear2(torch.cat((attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")), -1))
+        return x + mod.gate * out
 
 
 class LastLayer(nn.Module):
     def __init__(self, dim: int, out_channels: int):
         super().__init__()
-        self.linear = nn.Linear(dim, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = make_linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), make_linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)

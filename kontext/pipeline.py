@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import traceback
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .denoiser import Denoiser
 from .dit import FluxDiT
 from .errors import InputError
-from .ids import METHODS, image_ids, text_ids
-from .sampling import (euler_sample, flux_schedule, noise_for_denoise, noise_latent, pack, pad_to_patches,
-                       schedule_for_denoise, unpack)
-from .vae import SCALE, SHIFT
+from .params import LIBRARY, SamplingParams
+from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, schedule_for_denoise
+from .vae import to_model_space, to_raw
 from .vae_tiling import decode_or_tiled
 
 log = logging.getLogger(__name__)
 Callback = Callable[[int, int, torch.Tensor], None]
-
-
-def to_model_space(raw: torch.Tensor) -> torch.Tensor:
-    return (raw - SHIFT) * SCALE
-
-
-def to_raw(z: torch.Tensor) -> torch.Tensor:
-    return z / SCALE + SHIFT
 
 
 @torch.no_grad()
@@ -51,18 +41,6 @@ def encode_prompt(clip: torch.nn.Module, t5: torch.nn.Module, tokenizers, prompt
     return txt, pooled
 
 
-@dataclass
-class _Step:
-    """What the callback needs to show a denoised preview: the last velocity."""
-    v: torch.Tensor | None = None
-
-
-def _number(value: object, name: str, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InputError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _batched(t: torch.Tensor, B: int, name: str, device: torch.device) -> torch.Tensor:
     """t with batch 1 broadcast to B, or t with batch B; prompts x images order (each prompt's images together)."""
     if t.shape[0] == B:
@@ -72,11 +50,20 @@ def _batched(t: torch.Tensor, B: int, name: str, device: torch.device) -> torch.
     raise InputError(f"{name} has batch {t.shape[0]}, which does not divide the batch of {B}")
 
 
-def _reference_tokens(raw: torch.Tensor) -> torch.Tensor:
-    """A raw reference latent in model space, padded to whole 2x2 patches."""
-    if raw.dim() != 4 or raw.shape[1] != 16:
-        raise InputError(f"reference latent of shape {list(raw.shape)}: expected [B, 16, h, w]")
-    return pad_to_patches(to_model_space(raw.float()))
+def _check_conditioning(cfg, txt: torch.Tensor, pooled: torch.Tensor | None, what: str) -> None:
+    if txt.dim() != 3 or txt.shape[-1] != cfg.context_in_dim or pooled is None or pooled.dim() != 2 or \
+            pooled.shape[-1] != cfg.vec_in_dim:
+        shapes = f"{list(txt.shape)} (text) and {None if pooled is None else list(pooled.shape)} (pooled)"
+        raise InputError(f"{what} of shapes {shapes} does not fit this model, which takes [B, L, "
+                         f"{cfg.context_in_dim}] T5 states and a [B, {cfg.vec_in_dim}] CLIP-L pooled vector: "
+                         "encode the prompt with Flux's CLIP-L + T5-XXL")
+
+
+def _check_size(width: object, height: object) -> None:
+    """Latent geometry: any multiple of 8 (ComfyUI's VAEEncode crops to 8; odd latents are padded to patches)."""
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 and v % 8 == 0 for v in (width, height))
+    if not ok:
+        raise InputError(f"width and height must be multiples of 8 (16 preferred), at least 16; got {width}x{height}")
 
 
 @torch.no_grad()
@@ -84,87 +71,64 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
                   width: int, height: int, seed: int = 0, steps: int = 28, guidance: float = 2.5,
                   true_cfg: float = 1.0, neg_txt: torch.Tensor | None = None, neg_pooled: torch.Tensor | None = None,
                   denoise: float = 1.0, init_latent: torch.Tensor | None = None, reference_method: str = "offset",
-                  callback: Callback | None = None, batch_size: int = 1) -> torch.Tensor:
-    """Run the rectified-flow sampler; returns the raw latent [B, 16, H/8, W/8] (float32, on the DiT's device).
+                  callback: Callback | None = None, num_images: int = 1,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """Run the rectified-flow sampler; returns the raw latent [B, 16, H/8, W/8] (float32, on `device`).
 
-    B = prompts x batch_size (each prompt's images together, as diffusers orders them). `ref_latents` are raw VAE
+    B = prompts x num_images (each prompt's images together, as diffusers orders them). `ref_latents` are raw VAE
     latents [1 or B, 16, h, w] of any sizes (odd sides are padded, as ComfyUI does). Noise is drawn on the CPU from
-    `seed` (same image on any device). `callback(step, total, x0)` gets a raw-space preview of the denoised estimate
-    after each step; an exception it raises (kontext.errors.Cancelled) stops the run.
+    `seed` (same image on any device). The run happens on `device` (default: where `txt` is). `callback(step,
+    total, x0)` gets a raw-space preview of the denoised estimate after each step; an exception it raises
+    (kontext.errors.Cancelled) stops the run.
     """
-    if isinstance(width, bool) or isinstance(height, bool) or not isinstance(width, int) or \
-            not isinstance(height, int) or width < 16 or height < 16 or width % 8 or height % 8:
-        raise InputError(f"width and height must be multiples of 8 (16 preferred), at least 16; got {width}x{height}")
-    if reference_method not in METHODS:
-        raise InputError(f"reference_method must be one of {METHODS}, got {reference_method!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    guidance = _number(guidance, "guidance", 0.0, 1000.0)
-    true_cfg = _number(true_cfg, "true_cfg", 0.0, 1000.0)
-    denoise = _number(denoise, "denoise", 0.0, 1.0)
-    if denoise == 0.0:
-        raise InputError("denoise must be above 0 (0 would return the input unchanged)")
+    _check_size(width, height)
+    p = SamplingParams(steps=steps, guidance=guidance, true_cfg=true_cfg, denoise=denoise, seed=seed,
+                       num_images=num_images, reference_method=reference_method).validated(LIBRARY)
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be callable, got {type(callback).__name__}")
-    if true_cfg > 1.0 and (neg_txt is None or neg_pooled is None):
-        raise InputError("true_cfg > 1 needs a negative conditioning (neg_txt and neg_pooled)")
-    cfg = dit.config
-    if txt.dim() != 3 or txt.shape[-1] != cfg.context_in_dim or pooled.dim() != 2 or pooled.shape[-1] != cfg.vec_in_dim:
-        raise InputError(f"conditioning of shapes {list(txt.shape)} (text) and {list(pooled.shape)} (pooled) does not "
-                         f"fit this model, which takes [B, L, {cfg.context_in_dim}] T5 states and a [B, "
-                         f"{cfg.vec_in_dim}] CLIP-L pooled vector: encode the prompt with Flux's CLIP-L + T5-XXL")
-    if neg_txt is not None and (neg_txt.shape[-1] != cfg.context_in_dim or neg_pooled is None
-                                or neg_pooled.shape[-1] != cfg.vec_in_dim):
-        raise InputError("the negative conditioning does not fit this model: encode it with Flux's CLIP-L + T5-XXL")
-    device, B = dit.device, txt.shape[0] * batch_size
-    h, w = height // 8, width // 8  # latent size; odd sides are padded to whole patches around each model call
+    _check_conditioning(dit.config, txt, pooled, "conditioning")
+    if p.true_cfg_on:
+        if neg_txt is None or neg_pooled is None:
+            raise InputError("true_cfg > 1 needs a negative conditioning (neg_txt and neg_pooled)")
+        _check_conditioning(dit.config, neg_txt, neg_pooled, "the negative conditioning")
+    device = torch.device(device) if device is not None else txt.device
+    B = txt.shape[0] * p.num_images
+    h, w = height // 8, width // 8  # latent size; odd sides are padded to whole patches inside the denoiser
 
+    denoiser = Denoiser(dit, (h, w), list(ref_latents), p.reference_method, device)
     txt, pooled = _batched(txt, B, "txt", device), _batched(pooled, B, "pooled", device)
-    txt_ids = text_ids(txt.shape[1], B).to(device)
-    refs = [_batched(_reference_tokens(r), B, "reference latent", device) for r in ref_latents]
-    ref_tokens = torch.cat([pack(r) for r in refs], dim=1) if refs else None
-    ids = image_ids((h, w), [tuple(r.shape[2:]) for r in ref_latents], reference_method, B).to(device)
-    hp, wp = h + h % 2, w + w % 2  # padded latent size
-    g = torch.full((B,), guidance, device=device)
-    if true_cfg > 1.0:
+    if p.true_cfg_on:
         neg_txt, neg_pooled = _batched(neg_txt, B, "neg_txt", device), _batched(neg_pooled, B, "neg_pooled", device)
+    g = torch.full((B,), p.guidance, device=device)
 
     # Schedule (mu from the target tokens only) and the starting point.
-    sigmas = flux_schedule(steps, ((h + 1) // 2) * ((w + 1) // 2))  # target tokens only
-    noise = noise_latent(seed, B, height, width)
-    if denoise < 1.0:
+    sigmas = flux_schedule(p.steps, denoiser.n_target)
+    noise = noise_latent(p.seed, B, height, width)
+    if p.denoise < 1.0:
         if init_latent is None:
             raise InputError("denoise < 1 needs an initial latent (image-to-image)")
         if init_latent.dim() != 4 or tuple(init_latent.shape[1:]) != (16, h, w):
             raise InputError(f"initial latent {list(init_latent.shape)} does not match the output size "
                              f"{width}x{height}: expected [B, 16, {h}, {w}]")
-        sigmas = schedule_for_denoise(sigmas, denoise)
+        sigmas = schedule_for_denoise(sigmas, p.denoise)
         init = _batched(to_model_space(init_latent.float().cpu()), B, "initial latent", torch.device("cpu"))
         noise = noise_for_denoise(init, noise, float(sigmas[0]))
     x = noise.to(device)  # [B, 16, h, w] model-space latent, float32 throughout (the DiT casts to its own dtype)
-    last = _Step()
-
-    n_target = ((h + 1) // 2) * ((w + 1) // 2)
-
-    def predict(img: torch.Tensor, cond_txt: torch.Tensor, cond_pooled: torch.Tensor, t: torch.Tensor):
-        return dit(img, ids, cond_txt, txt_ids, t, cond_pooled, g)[:, :n_target].float()  # target tokens only
+    last: dict[str, torch.Tensor] = {}
 
     def velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
         # diffusers hands the model float32(sigma * 1000) / 1000; reproduce that rounding for bit-level parity.
-        t = (torch.tensor(sigma, dtype=torch.float32) * 1000 / 1000).expand(B).to(device)
-        img = pack(pad_to_patches(z))  # [B, N, 64]: target tokens first, then the references' (built once a step)
-        img = img if ref_tokens is None else torch.cat([img, ref_tokens], dim=1)
-        v = predict(img, txt, pooled, t)
-        if true_cfg > 1.0:
-            v_neg = predict(img, neg_txt, neg_pooled, t)
-            v = v_neg + true_cfg * (v - v_neg)
-        v = unpack(v, hp, wp)[:, :, :h, :w]
-        last.v = v
+        t = torch.tensor(sigma, dtype=torch.float32) * 1000 / 1000
+        v = denoiser(z, t, txt, pooled, g)
+        if p.true_cfg_on:  # guide away from the negative: v_neg + s * (v_pos - v_neg)
+            v_neg = denoiser(z, t, neg_txt, neg_pooled, g)
+            v = v_neg + p.true_cfg * (v - v_neg)
+        last["v"] = v
         return v
 
     def on_step(i: int, total: int, z: torch.Tensor) -> None:
         if callback is not None:
-            x0 = z - float(sigmas[i + 1]) * last.v  # the denoised estimate: the nicest preview
+            x0 = z - float(sigmas[i + 1]) * last["v"]  # the denoised estimate: the nicest preview
             callback(i, total, to_raw(x0))
 
     x = euler_sample(velocity, x, sigmas, on_step)
@@ -225,8 +189,10 @@ class KontextPipeline:
         from .files import find_model_files
 
         found = find_model_files(models)
-        return cls.from_files(found["dit"], found["vae"], found["clip_l"], found["t5xxl"],
-                              tokenizers=found.get("tokenizers"), **kwargs)
+        # An explicit tokenizer folder wins over the one found beside the models (and both over the packaged ones).
+        tokenizers = kwargs.pop("tokenizers", None) or found.get("tokenizers")
+        return cls.from_files(found["dit"], found["vae"], found["clip_l"], found["t5xxl"], tokenizers=tokenizers,
+                              **kwargs)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.offload:
@@ -256,7 +222,15 @@ class KontextPipeline:
 
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
-        true_cfg, denoise = _number(true_cfg, "true_cfg", 0.0, 1000.0), _number(denoise, "denoise", 0.0, 1.0)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise InputError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be callable, got {type(callback).__name__}")
+        # Every number first: a wrong one must not wait for the text encoders, the VAE and the sampler.
+        p = SamplingParams(steps=steps, guidance=guidance, true_cfg=true_cfg, denoise=denoise, seed=seed,
+                           num_images=num_images, reference_method=reference_method, width=width,
+                           height=height).validated(LIBRARY)
+        true_cfg, denoise = p.true_cfg, p.denoise
         if isinstance(references, (str, bytes)) or not isinstance(references, Sequence):
             references = [references]
         prepared = [prepare_reference(r, resize=resize_references) for r in references]
@@ -285,10 +259,11 @@ class KontextPipeline:
             if init is not None:
                 init = init.resize((w, h), Image.Resampling.LANCZOS) if init.size != (w, h) else init
                 init_latent = self.vae.encode(to_tensor(init).to(self.device)).float()
-            latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h, seed=seed,
-                                   steps=steps, guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt,
+            latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h, seed=p.seed,
+                                   steps=p.steps, guidance=p.guidance, true_cfg=true_cfg, neg_txt=neg_txt,
                                    neg_pooled=neg_pooled, denoise=denoise, init_latent=init_latent,
-                                   reference_method=reference_method, callback=callback, batch_size=num_images)
+                                   reference_method=p.reference_method, callback=callback,
+                                   num_images=p.num_images, device=self.device)
             pixels = decode_or_tiled(self.vae, latent)
             return to_pil(pixels)
         except BaseException as exc:

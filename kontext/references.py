@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .params import MAX_SIDE, MIN_SIDE, MULTIPLE, integer, side
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ PREFERRED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (1024, 1024),
     (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688), (1568, 672),
 )
-MULTIPLE = 16  # 8x VAE downsampling times the DiT's 2x2 patches
-MIN_SIDE, MAX_SIDE = 64, 4096  # sane output range per side (4096^2 is already 65536 target tokens)
 DEFAULT_SIZE = (1024, 1024)  # output size with neither a reference nor an explicit size
 WHITE = (255, 255, 255)
 
@@ -211,16 +210,16 @@ def prepare_reference(image: ImageLike, resize: bool = True, max_side: int = MAX
     return img
 
 
-def output_size(width: int | None, height: int | None, first_ref_size: tuple[int, int] | None = None,
-                min_side: int = MIN_SIDE, max_side: int = MAX_SIDE) -> tuple[int, int]:
+def output_size(width: int | None, height: int | None,
+                first_ref_size: tuple[int, int] | None = None) -> tuple[int, int]:
     """The (w, h) to generate.
 
     Neither given: the first reference's (prepared) size, or 1024x1024 without references. One given: the other
     follows the reference's aspect ratio (square without one). Every side is then floored to a multiple of 16, as
-    diffusers and BFL do, and must lie in min_side..max_side.
+    diffusers and BFL do, and must lie in MIN_SIDE..MAX_SIDE.
     """
-    width = None if width is None else _whole(width, "width")
-    height = None if height is None else _whole(height, "height")
+    width = None if width is None else integer(width, "width", 1, 1 << 30)
+    height = None if height is None else integer(height, "height", 1, 1 << 30)
     ref_w, ref_h = first_ref_size if first_ref_size is not None else DEFAULT_SIZE
     if width is None and height is None:
         width, height = ref_w, ref_h
@@ -228,29 +227,8 @@ def output_size(width: int | None, height: int | None, first_ref_size: tuple[int
         height = round(width * ref_h / ref_w)
     elif width is None:
         width = round(height * ref_w / ref_h)
-    w, h = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
-    for name, asked, got in (("width", width, w), ("height", height, h)):
-        if not min_side <= got <= max_side:
-            floored = "" if asked == got else f" (floored to a multiple of {MULTIPLE}: {got})"
-            raise InputError(f"output {name} {asked}{floored} is outside the supported {min_side}..{max_side}")
-    return w, h
+    return side(width, "output width"), side(height, "output height")
 
-
-def _whole(value: object, name: str) -> int:
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be a whole number of pixels, not {value!r}")
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be a whole number of pixels, not {value!r}") from None
-    if n < 1:
-        raise InputError(f"{name} must be positive, not {n}")
-    return n
-
-
-# ---------------------------------------------------------------------------------------------- tensors
 
 def to_tensor(img: ImageLike) -> torch.Tensor:
     """An image as [1, 3, H, W] float32 in [-1, 1] (x/255 * 2 - 1, the same float32 ops as diffusers)."""
@@ -278,8 +256,3 @@ def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     x = (x * 0.5 + 0.5).clamp(0, 1)
     u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
     return [Image.fromarray(np.ascontiguousarray(a)) for a in u8]
-
-
-def tokens_for(width: int, height: int) -> int:
-    """Number of DiT tokens of an image of this pixel size (one per 16x16 block)."""
-    return math.ceil(height / MULTIPLE) * math.ceil(width / MULTIPLE)

@@ -7,7 +7,6 @@ latent already scaled and shifted), [B, 16, H/8, W/8] for an H x W image.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import InputError
+from .params import MAX_SEED, MAX_STEPS, integer
 
 LATENT_CHANNELS = 16
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -38,10 +38,10 @@ def flux_schedule(steps: int, image_seq_len: int, shift: bool = True) -> torch.T
     Evaluated in float64 and rounded once to float32, so it agrees with diffusers' FlowMatchEulerDiscreteScheduler
     (which evaluates in float32 from linspace(1, 1/steps, steps) and appends 0) to within a float32 ulp. t = 0 stays 0.
     """
-    steps = _count(steps, "steps")
+    steps = integer(steps, "steps", 1, MAX_STEPS)
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if shift:
-        e = math.exp(time_shift_mu(_count(image_seq_len, "image_seq_len")))
+        e = math.exp(time_shift_mu(integer(image_seq_len, "image_seq_len", 1, 1 << 30)))
         t = torch.cat([e / (e + (1.0 / t[:-1] - 1.0)), t[-1:]])  # the last t is 0: keep it, avoid 1/0
     return t.to(torch.float32)
 
@@ -80,10 +80,8 @@ def noise_latent(seed: int, batch: int, height: int, width: int, dtype: torch.dt
     [B, 16, 2 * (H // 16), 2 * (W // 16)], in the pipeline's dtype: pass dtype=torch.bfloat16 to match a bf16
     diffusers run) and as ComfyUI's noise for an empty latent (float32, one draw for the whole batch).
     """
-    seed = _integer(seed, "seed", "an integer in 0..2**64-1")
-    if not 0 <= seed < 2**64:
-        raise InputError(f"seed must be an integer in 0..2**64-1, got {seed}")
-    batch = _count(batch, "batch")
+    seed = integer(seed, "seed", 0, MAX_SEED)
+    batch = integer(batch, "batch", 1, 1 << 20)
     if height % 8 or width % 8 or height < 16 or width < 16:
         raise InputError(f"image size {width}x{height}: both sides must be multiples of 8, at least 16")
     gen = torch.Generator("cpu").manual_seed(seed)
@@ -138,20 +136,3 @@ def noise_for_denoise(init_latent: torch.Tensor, noise: torch.Tensor, sigma: flo
     sigma = float(sigma)
     mixed = sigma * noise.to(torch.float32) + (1.0 - sigma) * init_latent.to(torch.float32)
     return mixed.to(init_latent.dtype)
-
-
-def _integer(value: object, name: str, what: str) -> int:
-    """value as an int (numpy and torch integers included); bools and floats are refused."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be {what}, got {value!r}") from None
-
-
-def _count(value: object, name: str) -> int:
-    n = _integer(value, name, "a positive integer")
-    if n < 1:
-        raise InputError(f"{name} must be a positive integer, got {n}")
-    return n

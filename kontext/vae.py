@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 
 SCALE = 0.3611
 SHIFT = 0.1159
+
+
+def to_model_space(raw: torch.Tensor) -> torch.Tensor:
+    """A raw VAE latent (ComfyUI's LATENT) as the DiT sees it."""
+    return (raw - SHIFT) * SCALE
+
+
+def to_raw(z: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_model_space."""
+    return z / SCALE + SHIFT
+
 EXPECTED = "a 16-channel Flux VAE (ae.safetensors, BFL or diffusers vae/ layout)"
 
 

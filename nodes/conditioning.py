@@ -6,6 +6,7 @@ import logging
 import torch
 
 from kontext.errors import InputError
+from kontext.ids import METHODS
 
 from .convert import add_references, image_items, pil_to_image, vae_encode
 from .host import check_interrupt
@@ -14,7 +15,6 @@ log = logging.getLogger(__name__)
 
 VAE_TYPES = "KONTEXT_VAE,VAE"  # ours or ComfyUI's (Load VAE): both map IMAGE <-> the same raw latent
 RESIZE_MODES = ("preferred", "keep")
-REFERENCE_METHODS = ("offset", "index")
 
 
 class KontextTextEncode:
@@ -72,7 +72,7 @@ class KontextReferenceImage:
                                             "tooltip": "preferred: resize to the nearest of Kontext's 17 training "
                                                        "resolutions (about 1 megapixel; recommended). keep: keep the "
                                                        "size, center-cropped to multiples of 16."}),
-            "reference_method": (list(REFERENCE_METHODS), {"default": "offset",
+            "reference_method": (list(METHODS), {"default": "offset",
                                                            "tooltip": "How references are placed for the model. "
                                                                       "offset: side by side on one canvas (Kontext "
                                                                       "dev's training); index: one index per "
@@ -84,8 +84,8 @@ class KontextReferenceImage:
 
         if resize not in RESIZE_MODES:
             raise InputError(f"resize {resize!r}: expected one of {', '.join(RESIZE_MODES)}")
-        if reference_method not in REFERENCE_METHODS:
-            raise InputError(f"reference_method {reference_method!r}: expected one of {', '.join(REFERENCE_METHODS)}")
+        if reference_method not in METHODS:
+            raise InputError(f"reference_method {reference_method!r}: expected one of {', '.join(METHODS)}")
         latents = []
         for one in image_items(image, "image"):
             check_interrupt()

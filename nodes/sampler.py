@@ -7,6 +7,8 @@ import traceback
 import torch
 
 from kontext.errors import InputError
+from kontext.ids import METHODS
+from kontext.params import NODE, SamplingParams
 
 from .convert import entries
 from .host import Progress, check_interrupt
@@ -16,7 +18,6 @@ log = logging.getLogger(__name__)
 DEFAULT_GUIDANCE = 2.5
 # Conditioning options of ComfyUI's area/mask/strength/timestep-range nodes, with the value that means "unset".
 UNSUPPORTED = {"area": None, "mask": None, "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
-SUPPORTED_METHODS = ("offset", "index")
 
 
 def _cond(cond, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -98,9 +99,12 @@ class KontextSampler:
             guidance = DEFAULT_GUIDANCE if guidance is None else float(guidance)
         refs = list(opts.get("reference_latents") or [])
         method = opts.get("reference_latents_method", "offset")
-        if method not in SUPPORTED_METHODS:
-            raise InputError(f"reference method {method!r} is not supported by Kontext Sampler "
-                             f"(supported: {', '.join(SUPPORTED_METHODS)})")
+        if method not in METHODS:
+            raise InputError(f"reference method {method!r} (from the conditioning) is not supported by Kontext "
+                             f"Sampler (supported: {', '.join(METHODS)})")
+        # Every number is checked before any work, in the node's own input names.
+        SamplingParams(steps=steps, guidance=guidance, true_cfg=true_cfg, denoise=denoise, seed=seed,
+                       reference_method=method).validated(NODE)
         neg_txt = neg_pooled = None
         if true_cfg > 1.0:
             if negative is None:
@@ -138,18 +142,18 @@ class KontextSampler:
         image_tokens = [(h // 8, w // 8)] + [tuple(r.shape[-2:]) for r in refs]  # latent sizes
         tokens = sum(patches(a) * patches(b) for a, b in image_tokens) + txt.shape[1]
         extra = activation_bytes(tokens, cfg.hidden_size, batch, 2 if neg_txt is not None else 1,
-                                 next(dit.dit.parameters()).dtype)
+                                 dit.dit.compute_dtype)
         log.info("Kontext Sampler: %dx%d, %d reference(s), %d steps, guidance %.2f, true_cfg %.2f, seed %d",
                  w, h, len(refs), steps, guidance, true_cfg, seed)
         check_interrupt()
         with dit.running(extra):
-            progress = Progress(steps, dit.device)
+            progress = Progress(steps, dit.run_device)
             try:
                 out = sample_latent(dit.dit, txt, pooled, ref_latents=refs, width=w, height=h, seed=seed,
                                     steps=steps, guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt,
                                     neg_pooled=neg_pooled, denoise=denoise,
                                     init_latent=init if denoise < 1.0 else None, reference_method=method,
-                                    callback=progress, batch_size=batch)
+                                    callback=progress, num_images=batch, device=dit.run_device)
             except BaseException as exc:  # a cancel: let the run's tensors go now, not with ComfyUI's error report
                 traceback.clear_frames(exc.__traceback__)
                 raise

@@ -170,7 +170,7 @@ def test_conditioning_options_reach_the_engine(loaded, monkeypatch):
 
     def fake_sample(dit, txt, pooled, **kw):
         seen.update(kw)
-        return torch.zeros(kw["batch_size"], 16, kw["height"] // 8, kw["width"] // 8)
+        return torch.zeros(kw["num_images"], 16, kw["height"] // 8, kw["width"] // 8)
 
     monkeypatch.setattr("kontext.pipeline.sample_latent", fake_sample)
     cond, = M["KontextTextEncode"]().encode(loaded.te, "x", 4.0)
@@ -188,7 +188,7 @@ def test_conditioning_options_reach_the_engine(loaded, monkeypatch):
     assert (seen["width"], seen["height"]) == (256, 320)  # from the first reference latent
     latent = {"samples": torch.zeros(2, 16, 48, 32)}
     sampler.sample(loaded.dit, cond, 0, 3, 0.0, 1.0, 0, 0, 1.0, latent=latent)
-    assert seen["batch_size"] == 2 and (seen["width"], seen["height"]) == (256, 384)
+    assert seen["num_images"] == 2 and (seen["width"], seen["height"]) == (256, 384)
     assert seen["init_latent"] is None  # denoise 1: the latent only gives size and batch
 
 

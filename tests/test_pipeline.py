@@ -157,13 +157,10 @@ def test_bad_arguments(ours, kw):
 
 def test_real_tokenizers_drive_tiny_encoders(tiny_models):
     """The tiny encoders keep the real vocabularies, so the release tokenizers can drive the whole tiny edit."""
-    from conftest import SHARED_DATA
+    from kontext.text.tokenizers import PACKAGED
 
-    folder = SHARED_DATA / "tokenizers"
-    if not (folder / "clip_l").is_dir():
-        pytest.skip(f"real tokenizer files not found at {folder}")
     found = {k: tiny_models[k] for k in ("dit", "vae", "clip_l", "t5xxl")}
-    pipe = KontextPipeline.from_files(**found, tokenizers=folder, device="cpu")
+    pipe = KontextPipeline.from_files(**found, tokenizers=PACKAGED, device="cpu")
     prompt = "Make it night, with a full moon 🌕 and neon signs (夜景)"
     ids = pipe.tokenizers.t5_ids([prompt])
     assert ids.max() > 1000  # real vocabulary ids, beyond anything the tiny tokenizer knows
@@ -199,14 +196,14 @@ def test_sample_latent_batches_and_odd_reference_latents(ours):
     txt, pooled = ours.encode(["a", "b"])
     odd = torch.randn(1, 16, 9, 7)  # e.g. ComfyUI's VAEEncode of a 72x56 image: padded like ComfyUI pads
     out = sample_latent(ours.dit, txt, pooled, ref_latents=[odd, torch.randn(2, 16, 8, 8)], width=64, height=32,
-                        steps=1, batch_size=2)
+                        steps=1, num_images=2)
     assert out.shape == (4, 16, 4, 8) and torch.isfinite(out).all()
     with pytest.raises(InputError, match="batch"):
         sample_latent(ours.dit, txt, pooled[:1].repeat(3, 1), width=64, height=32, steps=1)
 
 
 @pytest.mark.parametrize("kw", [dict(guidance=None), dict(guidance=float("nan")), dict(true_cfg="2"),
-                                dict(denoise="0.5"), dict(batch_size=2.0), dict(batch_size=0), dict(callback=5)])
+                                dict(denoise="0.5"), dict(num_images=2.5), dict(num_images=0), dict(callback=5)])
 def test_sample_latent_rejects_bad_arguments(ours, kw):
     from kontext.pipeline import sample_latent
 

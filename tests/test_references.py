@@ -299,16 +299,16 @@ def test_output_size_defaults_rounding_and_range():
     assert output_size(1024.0, 512) == (1024, 512)
     assert output_size(1024, None, (1248, 832)) == (1024, 672)  # 1024 * 832 / 1248 = 682.7 -> 683 -> 672
     assert output_size(None, 512) == (512, 512)
-    assert output_size(32, 32, min_side=16) == (32, 32)
     assert output_size(MIN_SIDE, MAX_SIDE) == (MIN_SIDE, MAX_SIDE)  # the default range, ends included
     with pytest.raises(InputError, match=f"width {MIN_SIDE - 1} .*outside"):
         output_size(MIN_SIDE - 1, 1024)
     with pytest.raises(InputError, match=f"height {MAX_SIDE + 16} is outside"):
         output_size(1024, MAX_SIDE + 16)
-    with pytest.raises(InputError, match="width 250 .*240.* outside the supported 256..4096"):
-        output_size(250, 1024, min_side=256)
+    assert output_size(70, 1024) == (64, 1024)  # floored into the range: accepted
+    with pytest.raises(InputError, match=f"width 63 .*48.* outside the supported {MIN_SIDE}..{MAX_SIDE}"):
+        output_size(63, 1024)
     with pytest.raises(InputError, match="outside"):
-        output_size(None, None, (128, 128), min_side=256)  # an unresized small reference gives no usable default
+        output_size(None, None, (48, 48))  # an unresized small reference gives no usable default
     for bad in (1024.5, True, "1024", -16):
         with pytest.raises(InputError):
             output_size(bad, 1024)

@@ -6,6 +6,7 @@ tensors read one by one, converted and moved to the target device. A failure nev
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,11 +19,12 @@ from .checkpoint import Checkpoint
 
 @dataclass(frozen=True)
 class Source:
-    """Where one model parameter comes from: one tensor, a concatenation along dim 0, halves swapped, or a linear
-    weight reshaped to a 1x1 convolution's."""
+    """Where one model parameter comes from: one tensor, a concatenation along dim 0, halves swapped, a linear
+    weight reshaped to a 1x1 convolution's; or, for quantised layers, a tensor exactly as stored ("raw"), its scale
+    as a scalar or one per row ("scale"), or a unit scale the file leaves implicit ("unit", no keys)."""
 
     keys: tuple[str, ...]
-    op: str = "copy"  # "copy" | "cat" | "swap_halves" | "as_conv1x1"
+    op: str = "copy"  # "copy" | "cat" | "swap_halves" | "as_conv1x1" | "raw" | "scale" | "unit"
 
     @staticmethod
     def of(key: str) -> "Source":
@@ -33,7 +35,12 @@ Plan = dict[str, Source]
 
 
 def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
+    if src.op == "unit":
+        return ()
     shapes = [ckpt.shape(k) for k in src.keys]
+    if src.op == "scale":
+        n = math.prod(shapes[0])
+        return () if n == 1 else (n,)
     if src.op == "cat":
         if len({s[1:] for s in shapes}) != 1:
             raise CheckpointError(ckpt.path, f"tensors {list(src.keys)} cannot be joined: shapes {shapes}")
@@ -44,6 +51,13 @@ def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
 
 
 def build_tensor(ckpt: Checkpoint, src: Source) -> torch.Tensor:
+    if src.op == "unit":
+        return torch.ones(())
+    if src.op == "raw":
+        return ckpt.raw(src.keys[0])
+    if src.op == "scale":
+        t = ckpt.raw(src.keys[0]).float()
+        return t.reshape(()) if t.numel() == 1 else t.reshape(-1)
     if src.op == "cat":
         return torch.cat([ckpt.read(k) for k in src.keys], dim=0)
     t = ckpt.read(src.keys[0])
@@ -82,8 +96,14 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
     device = as_device(device)
     check_plan(model, plan, ckpt, what)
     for name, _ in list(model.named_parameters()):
-        t = build_tensor(ckpt, plan[name])
-        target = torch.float32 if keep_fp32 is not None and keep_fp32(name) else dtype
+        src = plan[name]
+        t = build_tensor(ckpt, src)
+        if src.op == "raw":  # quantised values stay exactly as stored
+            target = t.dtype
+        elif src.op in ("scale", "unit") or (keep_fp32 is not None and keep_fp32(name)):
+            target = torch.float32
+        else:
+            target = dtype
         t = t.to(device=device, dtype=target)
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model

@@ -1,0 +1,98 @@
+"""The denoiser: the one way every caller reaches the DiT.
+
+Built once per run from the DiT, the reference latents and the reference method, it holds everything that does not
+change from step to step: the packed reference tokens, the token ids and the RoPE tables (float32, per text length).
+Each call then maps (latent, sigma, text conditioning, guidance) to a velocity:
+
+    velocity = denoiser(z [B, 16, h, w] model-space latent, sigma, txt [B, L, 4096], pooled [B, 768], guidance [B])
+
+The library's sampler, the Kontext Sampler node and the ComfyUI MODEL all call it; offloading, LoRA and other
+backends (TensorRT) plug in behind `forward`, which sees only BFL-convention tensors and precomputed positions.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .dit import FluxDiT
+from .errors import InputError
+from .ids import image_ids, text_ids, tokens
+from .rope import Positions
+from .sampling import LATENT_CHANNELS, pack, pad_to_patches, unpack
+from .vae import to_model_space
+
+# (img, txt, timesteps, y, guidance, pe) -> prediction for every image token: a DiT forward, or another backend's.
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Positions],
+                   torch.Tensor]
+
+
+def reference_tokens(raw: torch.Tensor) -> torch.Tensor:
+    """A raw VAE reference latent [B, 16, h, w] as packed model-space tokens [B, N, 64] (odd sides padded)."""
+    if raw.dim() != 4 or raw.shape[1] != LATENT_CHANNELS:
+        raise InputError(f"reference latent of shape {list(raw.shape)}: expected [B, {LATENT_CHANNELS}, h, w]")
+    return pack(pad_to_patches(to_model_space(raw.float())))
+
+
+class Denoiser:
+    """DiT + references for one run: `__call__(z, sigma, txt, pooled, guidance) -> velocity [B, 16, h, w]`."""
+
+    def __init__(self, dit: FluxDiT, latent_size: tuple[int, int], ref_latents: Sequence[torch.Tensor] = (),
+                 reference_method: str = "offset", device: torch.device | str | None = None,
+                 forward: Forward | None = None):
+        """`latent_size` (h, w) is the target's, in latent pixels; `ref_latents` are raw VAE latents [1 or B, 16,
+        h, w] of any sizes. `forward` replaces the DiT's own forward (another backend) when given."""
+        self.dit = dit
+        self.h, self.w = latent_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.method = reference_method
+        self.n_target = tokens(self.h) * tokens(self.w)
+        self.refs = [reference_tokens(r).to(self.device) for r in ref_latents]  # each [1 or B, N_k, 64]
+        self._joined: dict[int, torch.Tensor] = {}  # the references' tokens joined, by batch size
+        # Ids are the same for every image of a batch: one row, broadcast.
+        self.img_ids = image_ids((self.h, self.w), [tuple(r.shape[2:]) for r in ref_latents], reference_method,
+                                 1).to(self.device)
+        self.forward = forward or self._dit_forward
+        self._pe: dict[int, Positions] = {}  # by text length: computed once per run, not per step or block
+
+    def positions(self, text_len: int) -> Positions:
+        if text_len not in self._pe:
+            self._pe[text_len] = self.dit.positions(text_ids(text_len, 1).to(self.device), self.img_ids)
+        return self._pe[text_len]
+
+    def _dit_forward(self, img, txt, timesteps, y, guidance, pe):
+        return self.dit(img, None, txt, None, timesteps, y, guidance, pe=pe)
+
+    def tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, 16, h, w] model-space latent -> [B, N, 64]: target tokens, then the references'."""
+        img = pack(pad_to_patches(z))
+        if not self.refs:
+            return img
+        return torch.cat([img, self.reference_batch(img.shape[0])], dim=1)
+
+    def reference_batch(self, B: int) -> torch.Tensor:
+        """The references' tokens [B, N_ref, 64], each reference's batch of 1 (or B) broadcast, joined once."""
+        if B not in self._joined:
+            parts = []
+            for r in self.refs:
+                if B % r.shape[0]:
+                    raise InputError(f"a reference latent of batch {r.shape[0]} does not divide the batch of {B}")
+                parts.append(r.repeat_interleave(B // r.shape[0], dim=0))
+            self._joined[B] = torch.cat(parts, dim=1)
+        return self._joined[B]
+
+    def predict(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
+                guidance: torch.Tensor | None) -> torch.Tensor:
+        """Packed tokens in, the target tokens' velocity [B, n_target, 64] (float32) out."""
+        return self.forward(img, txt, t, pooled, guidance, self.positions(txt.shape[1]))[:, :self.n_target].float()
+
+    def __call__(self, z: torch.Tensor, sigma: float | torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
+                 guidance: float | torch.Tensor | None) -> torch.Tensor:
+        """Model-space latent [B, 16, h, w] at noise level sigma -> velocity [B, 16, h, w] (float32)."""
+        B = z.shape[0]
+        t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(B).to(self.device)
+        g = None if guidance is None else \
+            torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(B).to(self.device)
+        v = self.predict(self.tokens(z), t, txt, pooled, g)
+        hp, wp = self.h + self.h % 2, self.w + self.w % 2  # padded latent size
+        return unpack(v, hp, wp)[:, :, :self.h, :self.w]
