@@ -15,8 +15,6 @@ Decisions (each also noted where it is made):
 from __future__ import annotations
 
 import logging
-import math
-import operator
 import os
 from pathlib import Path
 from typing import Union
@@ -26,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .params import MAX_SIDE, MIN_SIDE, MULTIPLE, integer, side
+from .params import MAX_SIDE, MULTIPLE, integer, side
 
 logger = logging.getLogger(__name__)
 

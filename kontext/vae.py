@@ -43,7 +43,6 @@ EXPECTED = "a 16-channel Flux VAE (ae.safetensors, BFL or diffusers vae/ layout)
 
 @dataclass(frozen=True)
 class VAEConfig:
-    resolution: int = 256  # unused by the weights; kept for parity with BFL's AutoEncoderParams
     in_channels: int = 3
     ch: int = 128
     out_ch: int = 3

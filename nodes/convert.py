@@ -112,20 +112,6 @@ def entries(cond, what: str) -> list[tuple[torch.Tensor, dict]]:
     return out
 
 
-def with_values(cond, what: str, **values) -> list:
-    """A copy of the conditioning with `values` set on every entry (values of None are removed)."""
-    out = []
-    for tokens, opts in entries(cond, what):
-        opts = dict(opts)
-        for k, v in values.items():
-            if v is None:
-                opts.pop(k, None)
-            else:
-                opts[k] = v
-        out.append([tokens, opts])
-    return out
-
-
 def add_references(cond, latents: list[torch.Tensor], method: str, what: str) -> list:
     """A copy with `latents` appended to every entry's reference_latents (as ComfyUI's ReferenceLatent does)."""
     out = []

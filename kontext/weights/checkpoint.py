@@ -13,7 +13,6 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -287,7 +286,3 @@ class Checkpoint:
                 # Per-tensor scales are scalars; per-output-channel scales broadcast over the input dim.
                 t = t * (scale.reshape(-1, *([1] * (t.dim() - 1))) if scale.numel() > 1 else scale.reshape(()))
         return t
-
-    def iter(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for k in keys:
-            yield k, self.read(k)
