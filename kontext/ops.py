@@ -4,21 +4,29 @@ Every linear layer of the DiT is made by `make_linear(fmt, ...)`, as ComfyUI's m
 A layer keeps its weight in the format the checkpoint stores it in and computes in the activations' dtype:
 - "dense": a floating-point weight (bf16, fp16, fp32), cast at use only if it differs from the input's dtype (so
   streamed or offloaded weights in another dtype still compute in the stated dtype);
-- "fp8": float8 (e4m3fn or e5m2) values with a float32 scale (one per tensor, or one per output row), dequantised at
-  use (weight-only), exactly as the checkpoint readers dequantise: `(w.float() * scale).to(dtype)`.
+- "fp8": float8 (e4m3fn or e5m2) values with a float32 scale (one per tensor, or one per output row); fp8 matmuls on
+  GPUs with fp8 tensor cores, else dequantised at use (weight-only) exactly as the checkpoint readers dequantise:
+  `(w.float() * scale).to(dtype)`;
+- "fp4": NVFP4 (packed e2m1 pairs, e4m3 block scales per 16 values, a float32 tensor scale), dequantised at use.
 The model is first built with dense layers on the `meta` device; the loader then swaps in the formats the file holds
 (`set_formats`) and hands each layer its tensors as stored. A new format (fp8 matmuls, NVFP4, a LoRA branch) is a new
 class here and a name in FORMATS; nothing else in the model changes.
 """
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+from .quant import fp8
+from .quant.fp8 import FP8_DTYPES
+
+log = logging.getLogger(__name__)
+__all__ = ["FP8_DTYPES", "FORMATS", "Linear", "Fp8Linear", "Fp4Linear", "make_linear", "set_formats",
+           "dense_state_dict", "linear_formats"]
 
 
 class Linear(nn.Linear):
@@ -34,29 +42,65 @@ class Linear(nn.Linear):
         return F.linear(x, w, b)
 
 
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_path(fmt: str, path: str, why: str) -> None:
+    """Say once per run which compute path a weight format takes (and why), not once per layer and call."""
+    if (fmt, path) not in _logged:
+        _logged.add((fmt, path))
+        log.info("%s linear layers: %s (%s)", fmt, path, why)
+
+
 class Fp8Linear(nn.Module):
-    """A linear layer holding float8 weights and their scale as stored; dequantised per call (weight-only)."""
+    """A linear layer holding float8 weights and their scale exactly as stored (see kontext.quant.fp8).
+
+    `full_precision` (ComfyUI's `full_precision_matrix_mult`) keeps the layer on the weight-only path."""
 
     fmt = "fp8"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scale_shape: tuple[int, ...] = (),
-                 weight_dtype: torch.dtype = torch.float8_e4m3fn, device=None):
+                 weight_dtype: torch.dtype = torch.float8_e4m3fn, input_scale: bool = False,
+                 full_precision: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.full_precision = full_precision
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=weight_dtype, device=device),
                                    requires_grad=False)
         # Parameters, not buffers: the loader and ComfyUI's memory manager move parameters, and a scale must travel
         # with its weight.
         self.weight_scale = nn.Parameter(torch.empty(scale_shape, device=device), requires_grad=False)
+        # A static activation scale some files carry; kept so the layer round-trips to its file, unused by the
+        # per-token quantisation of the fp8 matmul (more accurate than one scale for every token).
+        self.input_scale = nn.Parameter(torch.empty((), device=device), requires_grad=False) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._path: str | None = None
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype`: float32 product first, then one rounding (as dequantise-on-load did)."""
-        scale = self.weight_scale.float()
-        scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
-        return (self.weight.float() * scale).to(dtype)
+        return fp8.dequantize(self.weight, self.weight_scale, dtype)
+
+    def path(self, x: torch.Tensor) -> str:
+        if self._path is None:
+            if self.full_precision:
+                self._path, why = "weight-only", "the file marks these layers full precision"
+            elif not fp8.scaled_mm_supported(x.device):
+                self._path, why = "weight-only", f"no fp8 tensor cores on {x.device}"
+            elif self.weight.dtype != torch.float8_e4m3fn:
+                self._path, why = "weight-only", f"{self.weight.dtype} weights: fp8 matmuls take e4m3"
+            elif self.in_features % 16 or self.out_features % 16:
+                self._path, why = "weight-only", "sides not multiples of 16"
+            else:
+                self._path, why = "scaled_mm", "fp8 tensor cores, per-token activation scales"
+            _log_path("fp8", self._path, why)
+        return self._path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.path(x) == "scaled_mm":
+            row = self.weight_scale.float().reshape(1, -1).expand(1, self.out_features)
+            return fp8.scaled_mm_linear(x, self.weight, row.contiguous(), self.bias)
+        if not x.is_cuda:
+            _log_path("fp8", "weight-only", f"no fp8 matmul on {x.device}")
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), b)
 
@@ -64,7 +108,47 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"
 
 
-FORMATS: dict[str, type[nn.Module]] = {"dense": Linear, "fp8": Fp8Linear}
+class Fp4Linear(nn.Module):
+    """A linear layer holding NVFP4 weights as stored (kontext.quant.nvfp4): packed e2m1 pairs [out, in/2], e4m3
+    block scales in cuBLAS's tiled layout, a float32 tensor scale. Computes weight-only (W4A16): dequantised to
+    the compute dtype at use."""
+
+    fmt = "fp4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
+                 full_precision: bool = False, device=None):
+        super().__init__()
+        from .quant import nvfp4
+
+        if in_features % nvfp4.BLOCK:
+            raise ValueError(f"NVFP4 needs in_features divisible by {nvfp4.BLOCK}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.full_precision = full_precision
+        rows, cols = nvfp4.scale_shape(out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device),
+                                         requires_grad=False)
+        self.weight_scale_2 = nn.Parameter(torch.empty((), device=device), requires_grad=False)
+        self.input_scale = nn.Parameter(torch.empty((), device=device), requires_grad=False) if input_scale else None
+        self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        from .quant import nvfp4
+
+        return nvfp4.dequantize(self.weight, self.weight_scale, self.weight_scale_2,
+                                (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _log_path("fp4", "weight-only (W4A16)", "NVFP4 weights are dequantised per layer at use")
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), b)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=nvfp4"
+
+
+FORMATS: dict[str, type[nn.Module]] = {"dense": Linear, "fp8": Fp8Linear, "fp4": Fp4Linear}
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = True, fmt: str = "dense",
@@ -102,7 +186,7 @@ def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     out = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, Fp8Linear):
+        if isinstance(module, (Fp8Linear, Fp4Linear)):
             w_dtype = dtype or getattr(model, "compute_dtype", torch.float32)
             out[prefix + "weight"] = module.dequantized(w_dtype)
             if module.bias is not None:
