@@ -1,9 +1,10 @@
 """The pack inside a real ComfyUI server: import, every API workflow over HTTP, the queue command, bad input, cancel,
 model caching and release, and memory over 20 queued edits.
 
-Needs a ComfyUI checkout with its own Python environment (CPU is enough):
-    ../shared/tools/comfyui-env.sh GIT_DIR /tmp/comfyui
+Needs a ComfyUI checkout with its own Python environment (CPU is enough); tests/comfyui_env.sh builds one:
+    tests/comfyui_env.sh /tmp/comfyui          # ComfyUI v0.8.0 from GitHub, or: DEST SOURCE_GIT_DIR_OR_URL REV
     COMFYUI_DIR=/tmp/comfyui pytest -m comfyui tests/test_comfyui.py
+The server runs with COMFYUI_PYTHON, by default $COMFYUI_DIR/.venv/bin/python.
 The server runs on loopback with a throwaway base directory; the pack is mounted through an extra_model_paths.yaml
 `custom_nodes:` entry and the tiny models are linked under the release file names the workflows use.
 Steps are cut to 2 (CPU time): everything else in the API workflows runs as shipped.
@@ -29,7 +30,7 @@ from kontext.references import preferred_size
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
     not COMFYUI_DIR, reason="needs a real ComfyUI: set COMFYUI_DIR (and optionally COMFYUI_PYTHON); "
-                            "../shared/tools/comfyui-env.sh builds one")]
+                            "`tests/comfyui_env.sh DEST` builds one")]
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "workflows" / "api"

@@ -5,6 +5,7 @@ ComfyUI's own Python environment (a subprocess), loads make-tiny's BFL file into
 reference latents, including odd-sized ones (as ComfyUI's VAEEncode produces) and both id methods. Our DiT must give
 the same velocity, through our packing, ids, padding and slicing. fp32 on CPU: tolerance 1e-5 relative.
 
+    tests/comfyui_env.sh /tmp/comfyui          # a CPU ComfyUI v0.8.0 with its own .venv
     COMFYUI_DIR=/tmp/comfyui pytest -m comfyui tests/test_comfyui_parity.py
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from kontext.sampling import pack, unpack
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
-    not COMFYUI_DIR, reason="needs a real ComfyUI: set COMFYUI_DIR (../shared/tools/comfyui-env.sh builds one)")]
+    not COMFYUI_DIR, reason="needs a real ComfyUI: set COMFYUI_DIR (`tests/comfyui_env.sh DEST` builds one)")]
 
 SCRIPT = textwrap.dedent('''
     import sys
