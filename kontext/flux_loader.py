@@ -10,9 +10,10 @@ from torch import nn
 
 from .config import FluxConfig
 from .dit import FluxDiT
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
-from .ops import FP8_DTYPES, set_formats
+from .ops import set_formats
+from .precision import resolve
 from .weights import Checkpoint, Plan, Source, load_plan
 from .weights.checkpoint import resolve_model_path
 from .weights.identify import describe
@@ -20,34 +21,23 @@ from .weights.loading import as_device
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def resolve_dtype(dtype: torch.dtype | None, precision: str | None, device: torch.device) -> torch.dtype:
-    if precision not in (None, "auto"):
-        if precision not in PRECISIONS:
-            hint = " (fp8 compute is not available yet: fp8 files are dequantised on load)" if \
-                str(precision).lower().startswith(("fp8", "fp4", "nvfp4", "int")) else ""
-            raise InputError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)} (or None)"
-                             + hint)
-        return PRECISIONS[precision]
-    dtype = dtype or default_dtype(device)
-    if not isinstance(dtype, torch.dtype) or dtype not in PRECISIONS.values():
-        raise InputError(f"unsupported compute dtype {dtype}; expected torch.bfloat16, torch.float16 or torch.float32")
-    return dtype
+# Linear layers quantised when a full-precision file is loaded as fp8 or fp4: every layer of the transformer blocks
+# (99% of the weights). The embedders (img_in, txt_in, time_in, vector_in, guidance_in) and the final layer stay as
+# stored: they are under 1% of the bytes, and they set the scale of everything downstream.
+QUANTIZABLE = ("double_blocks.", "single_blocks.")
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              precision: str | None = None) -> FluxDiT:
-    """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled) or diffusers checkpoint.
+    """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled, mixed fp8/NVFP4) or diffusers
+    checkpoint.
 
-    `dtype` (or `precision`: "bf16", "fp16", "fp32") is the compute dtype. Weights a file stores in fp8 stay fp8 in
-    memory, with their scales, and are dequantised layer by layer at use (see kontext.ops).
+    `precision` is "bf16", "fp16", "fp32", "fp8", "fp4", or None to keep the file's own format (see
+    kontext.precision); `dtype` is the compute dtype of the quantised and as-stored cases. Quantised weights stay
+    quantised in memory, bit for bit as in the file, and are used through kontext.ops' fp8 / fp4 layers.
     """
     device = as_device(device)
-    dtype = resolve_dtype(dtype, precision, device)
+    prec = resolve(precision, dtype, device)
     ckpt = Checkpoint(resolve_model_path(path, "transformer"))
     found = detect(ckpt.weight_keys())
     if found is None:
@@ -57,50 +47,70 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     layout, prefix = found
     config = config_from_shapes(ckpt, layout, prefix)
     with torch.device("meta"):
-        model = FluxDiT(config, dtype=dtype)
+        model = FluxDiT(config, dtype=prec.compute)
     names = [n for n, _ in model.named_parameters()]
     plan = bfl_plan(names, prefix) if layout == "bfl" else diffusers_plan(config, prefix)
-    stored = stored_formats(ckpt, model, plan)
-    set_formats(model, stored)
-    plan.update(quantized_plan(ckpt, plan, stored))
     # With a prefix (an all-in-one checkpoint), tensors outside it belong to other models and are left alone.
     unused = {k for k in ckpt.weight_keys() if k.startswith(prefix)} - {k for src in plan.values() for k in src.keys}
     if unused:
         raise CheckpointError(ckpt.path, f"holds {len(unused)} tensors a Flux DiT does not have "
                                          f"(e.g. {sorted(unused)[0]!r}): a different or modified model?")
-    log.info("loading Flux DiT (%s layout, %d+%d blocks, hidden %d, %d fp8 linear layers) from %s, computing in %s "
-             "on %s", layout, config.depth, config.depth_single_blocks, config.hidden_size, len(stored), ckpt.path,
-             dtype, device)
-    return load_plan(model, plan, ckpt, what="Flux DiT", device=device, dtype=dtype)
+    formats, quant_plan = layer_formats(ckpt, model, plan, prec.storage)
+    set_formats(model, formats)
+    plan.update(quant_plan)
+    counts = {f: sum(1 for v in formats.values() if v[0] == f) for f in ("fp8", "fp4")}
+    log.info("loading Flux DiT (%s layout, %d+%d blocks, hidden %d; %d fp8 and %d fp4 linear layers) from %s, "
+             "computing in %s on %s", layout, config.depth, config.depth_single_blocks, config.hidden_size,
+             counts["fp8"], counts["fp4"], ckpt.path, prec.compute, device)
+    return load_plan(model, plan, ckpt, what="Flux DiT", device=device, dtype=prec.compute)
 
 
-def stored_formats(ckpt: Checkpoint, model: FluxDiT, plan: Plan) -> dict[str, tuple[str, dict]]:
-    """The linear layers whose weight the file stores in fp8, with what their fp8 layer needs to hold it as is.
-
-    Only single-tensor weights stay quantised; a weight the loader must assemble (diffusers' separate q, k, v)
-    is dequantised and joined, as before."""
-    formats = {}
+def layer_formats(ckpt: Checkpoint, model: FluxDiT, plan: Plan,
+                  storage: str | None) -> tuple[dict[str, tuple[str, dict]], Plan]:
+    """Each linear layer's format (as stored, dequantised, or quantised on load) and its plan entries."""
+    formats: dict[str, tuple[str, dict]] = {}
+    out: Plan = {}
     for name, module in model.named_modules():
         src = plan.get(f"{name}.weight")
-        if not isinstance(module, nn.Linear) or src is None or src.op != "copy" or src.keys[0] not in ckpt:
+        if not isinstance(module, nn.Linear) or src is None:
             continue
-        if ckpt.dtype(src.keys[0]) in FP8_DTYPES:
-            scale = ckpt.scale_key(src.keys[0])
-            n = math.prod(ckpt.shape(scale)) if scale else 1
-            formats[name] = ("fp8", {"scale_shape": () if n == 1 else (n,),
-                                     "weight_dtype": ckpt.dtype(src.keys[0])})
-    return formats
+        stored = ckpt.quantized.get(src.keys[0]) if src.op == "copy" else None
+        have = stored.fmt if stored else "dense"
+        want = have if storage is None or (storage != "dense" and not name.startswith(QUANTIZABLE)) else storage
+        if want == "dense":
+            continue  # the plan's sources read (and dequantise) as they are
+        if want == have:
+            formats[name], entries = _as_stored(ckpt, name, stored)
+        else:
+            if have != "dense":
+                log.warning("%s: %s weights are dequantised and re-quantised to %s (lossy twice); load the "
+                            "full-precision file for the best %s model", ckpt.path.name, have, want, want)
+            formats[name], entries = _quantize_on_load(name, module.out_features, src, want)
+        out.update(entries)
+    return formats, out
 
 
-def quantized_plan(ckpt: Checkpoint, plan: Plan, formats: dict[str, tuple[str, dict]]) -> Plan:
-    """Plan entries of the fp8 layers: the values as stored, and the scale (1 where the file stores none)."""
-    out: Plan = {}
-    for name in formats:
-        key = plan[f"{name}.weight"].keys[0]
-        scale = ckpt.scale_key(key)
-        out[f"{name}.weight"] = Source((key,), "raw")
-        out[f"{name}.weight_scale"] = Source((scale,), "scale") if scale else Source((), "unit")
-    return out
+def _as_stored(ckpt: Checkpoint, name: str, q) -> tuple[tuple[str, dict], Plan]:
+    options = {"input_scale": q.input_scale is not None, "full_precision": q.full_precision}
+    entries: Plan = {f"{name}.weight": Source((q.weight,), "raw")}
+    if q.input_scale is not None:
+        entries[f"{name}.input_scale"] = Source((q.input_scale,), "scale")
+    if q.fmt == "fp8":
+        n = math.prod(ckpt.stored_shape(q.scale)) if q.scale else 1
+        options.update(scale_shape=() if n == 1 else (n,), weight_dtype=ckpt.dtype(q.weight))
+        entries[f"{name}.weight_scale"] = Source((q.scale,), "scale") if q.scale else Source((), "unit")
+    else:
+        entries[f"{name}.weight_scale"] = Source((q.scale,), "raw")
+        entries[f"{name}.weight_scale_2"] = Source((q.scale_2,), "scale")
+    return (q.fmt, options), entries
+
+
+def _quantize_on_load(name: str, rows: int, src: Source, fmt: str) -> tuple[tuple[str, dict], Plan]:
+    parts = ("weight", "scale") if fmt == "fp8" else ("weight", "block", "tensor")
+    params = {"weight": "weight", "scale": "weight_scale", "block": "weight_scale", "tensor": "weight_scale_2"}
+    entries = {f"{name}.{params[p]}": Source(src.keys, src.op, quant=(fmt, p)) for p in parts}
+    options = {"scale_shape": (rows,)} if fmt == "fp8" else {}  # fp8: one scale per output row
+    return (fmt, options), entries
 
 
 __all__ = ["load_dit", "FluxConfig"]

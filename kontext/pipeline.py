@@ -162,7 +162,8 @@ class KontextPipeline:
                    offload: bool = True) -> "KontextPipeline":
         """Load every model. With `offload` (the default on GPUs) the text encoders stay in CPU memory and visit the
         GPU only to encode a prompt, leaving its memory to the 12B DiT."""
-        from .flux_loader import load_dit, resolve_dtype
+        from .flux_loader import load_dit
+        from .precision import resolve
         from .text.clip import load_clip_l
         from .text.t5 import load_t5xxl
         from .text.tokenizers import load_tokenizers
@@ -170,14 +171,15 @@ class KontextPipeline:
         from .weights.loading import as_device
 
         device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype(dtype, precision, device)
+        prec = resolve(precision, dtype, device)
+        dtype = prec.compute  # of the DiT's activations, and of the text encoders and VAE
         offload = offload and device.type != "cpu"
         text_device = torch.device("cpu") if offload else device
         text_dtype = dtype if device.type != "cpu" else torch.float32
         tok = load_tokenizers(tokenizers)  # first: a missing folder should not wait for 30 GB of weights
         # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        return cls(dit=load_dit(dit, device=device, dtype=dtype),
+        return cls(dit=load_dit(dit, device=device, dtype=dtype, precision=precision),
                    vae=load_vae(vae, device=device, dtype=vae_dtype),
                    clip=load_clip_l(clip_l, device=text_device, dtype=text_dtype),
                    t5=load_t5xxl(t5xxl, device=text_device, dtype=text_dtype),

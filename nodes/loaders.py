@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from .cache import cached
 from .host import fingerprint, model_list, model_path
 from .placement import POLICIES, Placed, compute_dtype
@@ -14,20 +16,9 @@ DEVICE_TOOLTIP = ("auto: ComfyUI's memory manager moves it to the GPU to run and
 
 
 def _precisions() -> list[str]:
-    from kontext.flux_loader import PRECISIONS
+    from kontext.precision import PRECISIONS
 
     return ["auto", *PRECISIONS]
-
-
-def _dtype(precision: str, policy: str, kind: str):
-    from kontext.errors import InputError
-    from kontext.flux_loader import PRECISIONS
-
-    if precision == "auto":
-        return compute_dtype(policy, kind)
-    if precision not in PRECISIONS:
-        raise InputError(f"weight_dtype {precision!r}: expected auto or one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
 
 
 def _default(files: list[str], stem: str) -> dict:
@@ -58,11 +49,15 @@ class KontextModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "dit_name": (model_list("diffusion_models", folders_too=True),
-                         {"tooltip": "Diffusion model file in models/diffusion_models (fp8_scaled files are "
-                                     "dequantised to the compute dtype on load)."}),
+                         {"tooltip": "Diffusion model file in models/diffusion_models: bf16, fp8_scaled or "
+                                     "mixed fp8/NVFP4 files (quantised weights stay quantised in memory)."}),
             "weight_dtype": (_precisions(), {"default": "auto",
-                                             "tooltip": "Compute dtype of the weights. auto: bf16 on GPUs (fp16 where "
-                                                        "bf16 is unsupported), fp32 on the CPU."}),
+                                             "tooltip": "auto: the file's own format, computing in bf16 on GPUs "
+                                                        "(fp16 where bf16 is unsupported), fp32 on the CPU. bf16/fp16/"
+                                                        "fp32: dense weights in that dtype. fp8/fp4: quantise a "
+                                                        "full-precision file on load (fp8 about half, fp4 about a "
+                                                        "quarter of the memory); fp8 matmuls on RTX 40xx/H100 and "
+                                                        "newer, elsewhere dequantised per layer."}),
             "device": (list(POLICIES), {"default": "auto", "tooltip": DEVICE_TOOLTIP}),
         }}
 
@@ -73,13 +68,17 @@ class KontextModelLoader:
     def load(self, dit_name: str, weight_dtype: str = "auto", device: str = "auto"):
         from kontext.flux_loader import load_dit
 
+        from kontext.precision import resolve
+
         path = model_path("diffusion_models", dit_name, "diffusion model")
-        dtype = _dtype(weight_dtype, device, "dit")
+        # auto: the file's own format (an fp8 file stays fp8), computing in ComfyUI's dtype for the device.
+        prec = resolve(weight_dtype, compute_dtype(device, "dit"), torch.device("cpu"), name="weight_dtype")
 
         def load():
-            return Placed(device, "dit", path.name, dit=load_dit(path, device="cpu", dtype=dtype))
+            return Placed(device, "dit", path.name,
+                          dit=load_dit(path, device="cpu", dtype=prec.compute, precision=weight_dtype))
 
-        return (cached("dit", (path,), (str(dtype), device), load),)
+        return (cached("dit", (path,), (weight_dtype, str(prec.compute), device), load),)
 
 
 class KontextTextEncoderLoader:

@@ -237,7 +237,7 @@ def load_t5xxl(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     with torch.device("meta"):
         model = T5Encoder(cfg)
     log.info("loading T5 encoder (%d layers, width %d%s) from %s", cfg.layers, cfg.d_model,
-             ", fp8 scaled" if ckpt.is_fp8_scaled else "", ckpt.path)
+             ", fp8 scaled" if ckpt.is_quantized else "", ckpt.path)
     return load_plan(model, plan, ckpt, what="T5-XXL encoder", device=device, dtype=dtype)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .quantized import dequantize, describe_quantized, logical_shape
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -180,7 +181,7 @@ class Checkpoint:
             self.metadata = self.metadata or meta
         if not self.infos:
             raise CheckpointError(self.path, "holds no tensors")
-        self.check_quantization()
+        self.quantized = describe_quantized(self)  # weight key -> how it is stored, validated up front
         self.config: dict = {}
         cfg = self.path / "config.json" if self.path.is_dir() else None
         if cfg is not None and cfg.exists():
@@ -203,11 +204,16 @@ class Checkpoint:
         return key in self.infos
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The shape `read(key)` returns (a packed NVFP4 weight [N, K/2] is [N, K])."""
+        q = self.quantized.get(key)
+        return logical_shape(q, self.infos[key].shape) if q else self.infos[key].shape
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
         return self.infos[key].shape
 
     def dims(self, key: str, ndim: int) -> tuple[int, ...]:
         """The shape of `key`, checked to have `ndim` non-empty dimensions (configs are read off these)."""
-        shape = self.infos[key].shape
+        shape = self.shape(key)
         if len(shape) != ndim or not all(shape):
             raise CheckpointError(self.path, f"tensor '{key}' has shape {list(shape)}",
                                   f"a {ndim}-dimensional tensor with no empty dimension")
@@ -217,44 +223,8 @@ class Checkpoint:
         return DTYPES[self.infos[key].dtype]
 
     @property
-    def is_fp8_scaled(self) -> bool:
-        return any(_is_aux(k) for k in self.infos)
-
-    def check_quantization(self) -> None:
-        """Refuse, up front, quantised layouts we would otherwise misread (int8, fp4, block-scaled formats)."""
-        for key in self.infos:
-            if key.endswith(".comfy_quant"):
-                fmt = self._comfy_quant_format(key)
-                if "float8" not in fmt:
-                    raise CheckpointError(self.path, f"layer '{key[:-len('.comfy_quant')]}' uses the quantisation "
-                                                     f"format {fmt!r}, which is not supported",
-                                          "bf16/fp16/fp32 or fp8 (e4m3fn, e5m2) weights")
-            sk = self.scale_key(key)
-            if sk is None:
-                continue
-            if self.dtype(key) not in (torch.float8_e4m3fn, torch.float8_e5m2):
-                raise CheckpointError(self.path, f"'{key}' is stored as {self.infos[key].dtype} with a scale: this "
-                                                 "quantisation format is not supported", "scaled fp8 weights")
-            n, shape = math.prod(self.shape(sk)), self.shape(key)
-            if n != 1 and (not shape or n != shape[0]):
-                raise CheckpointError(self.path, f"scale '{sk}' of shape {list(self.shape(sk))} does not fit weight "
-                                                 f"'{key}' of shape {list(shape)}", "one scale, or one per row")
-
-    def _comfy_quant_format(self, key: str) -> str:
-        try:
-            return str(json.loads(self.raw(key).numpy().tobytes().decode("utf-8")).get("format", "?"))
-        except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
-            raise CheckpointError(self.path, f"'{key}' is not a readable quantisation description") from None
-
-    def scale_key(self, key: str) -> str | None:
-        """The per-layer scale of an fp8 weight `key`, if the file stores one."""
-        stem = key[: -len(".weight")] if key.endswith(".weight") else None
-        if stem is None:
-            return None
-        for suffix in SCALE_SUFFIXES:
-            if stem + suffix in self.infos:
-                return stem + suffix
-        return None
+    def is_quantized(self) -> bool:
+        return bool(self.quantized)
 
     # ---- data ----
     def raw(self, key: str) -> torch.Tensor:
@@ -276,13 +246,8 @@ class Checkpoint:
         return out
 
     def read(self, key: str) -> torch.Tensor:
-        """A model tensor in a float dtype: fp8 weights with a stored scale are dequantised (`w.float() * scale`)."""
+        """A model tensor in a float dtype: quantised weights are dequantised to float32 with their scales."""
+        if key in self.quantized:
+            return dequantize(self, self.quantized[key])
         t = self.raw(key)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            t = t.float()
-            sk = self.scale_key(key)
-            if sk is not None:
-                scale = self.raw(sk).float()
-                # Per-tensor scales are scalars; per-output-channel scales broadcast over the input dim.
-                t = t * (scale.reshape(-1, *([1] * (t.dim() - 1))) if scale.numel() > 1 else scale.reshape(()))
-        return t
+        return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t

@@ -25,6 +25,9 @@ class Source:
 
     keys: tuple[str, ...]
     op: str = "copy"  # "copy" | "cat" | "swap_halves" | "as_conv1x1" | "raw" | "scale" | "unit"
+    # Quantise on load: (format, part), e.g. ("fp8", "weight"), ("fp4", "block"); the parts of one weight share
+    # one quantisation (see quantized_part).
+    quant: tuple[str, str] | None = None
 
     @staticmethod
     def of(key: str) -> "Source":
@@ -35,8 +38,12 @@ Plan = dict[str, Source]
 
 
 def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
+    if src.quant is not None:
+        return quantized_shape(source_shape(ckpt, Source(src.keys, src.op)), *src.quant)
     if src.op == "unit":
         return ()
+    if src.op == "raw":
+        return ckpt.stored_shape(src.keys[0])
     shapes = [ckpt.shape(k) for k in src.keys]
     if src.op == "scale":
         n = math.prod(shapes[0])
@@ -50,7 +57,41 @@ def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
     return shapes[0]
 
 
+def quantized_shape(shape: tuple[int, ...], fmt: str, part: str) -> tuple[int, ...]:
+    n, k = shape
+    if fmt == "fp8":
+        return {"weight": (n, k), "scale": (n,)}[part]
+    from ..quant import nvfp4
+
+    return {"weight": (n, k // 2), "block": nvfp4.scale_shape(n, k), "tensor": ()}[part]
+
+
+_last_quantized: list = [None, None]  # (source, parts) of the last weight quantised on load
+
+
+def quantized_part(ckpt: Checkpoint, src: Source) -> torch.Tensor:
+    """One part of a weight quantised on load; the weight is read and quantised once for all its parts (the
+    parts are consecutive parameters of one layer)."""
+    base, (fmt, part) = Source(src.keys, src.op), src.quant
+    if _last_quantized[0] != (base, fmt):
+        w = build_tensor(ckpt, base).float()
+        if fmt == "fp8":
+            from ..quant import fp8
+
+            w8, scale = fp8.quantize(w, per_row=True)
+            parts = {"weight": w8, "scale": scale}
+        else:
+            from ..quant import nvfp4
+
+            q = nvfp4.quantize(w)
+            parts = {"weight": q.packed, "block": q.block_scales, "tensor": q.tensor_scale.float().reshape(())}
+        _last_quantized[:] = [(base, fmt), parts]
+    return _last_quantized[1][part]
+
+
 def build_tensor(ckpt: Checkpoint, src: Source) -> torch.Tensor:
+    if src.quant is not None:
+        return quantized_part(ckpt, src)
     if src.op == "unit":
         return torch.ones(())
     if src.op == "raw":
@@ -79,6 +120,11 @@ def check_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, what: str) -> Non
                                          f"are missing (first: {missing[0]!r}); the file holds {found}, ...",
                               f"a {what} checkpoint")
     for name, p in params.items():
+        if plan[name].op == "raw":  # quantised values as stored (NVFP4 packs them into uint8): shape check only
+            if tuple(source_shape(ckpt, plan[name])) != tuple(p.shape):
+                raise CheckpointError(ckpt.path, f"tensor for '{name}' has shape "
+                                                 f"{list(source_shape(ckpt, plan[name]))}", f"{list(p.shape)}")
+            continue
         stored = [ckpt.dtype(k) for k in plan[name].keys]
         bad = next((d for d in stored if not d.is_floating_point), None)
         if bad is not None:
@@ -98,7 +144,7 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
     for name, _ in list(model.named_parameters()):
         src = plan[name]
         t = build_tensor(ckpt, src)
-        if src.op == "raw":  # quantised values stay exactly as stored
+        if src.op == "raw" or src.quant is not None:  # quantised values stay exactly as stored or made
             target = t.dtype
         elif src.op in ("scale", "unit") or (keep_fp32 is not None and keep_fp32(name)):
             target = torch.float32
@@ -108,6 +154,7 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    _last_quantized[:] = [None, None]
     for name, buf in model.named_buffers():
         if buf.is_meta:  # models compute derived tables on the fly; a meta buffer here is a bug, not user error
             raise RuntimeError(f"{type(model).__name__} has an unloaded buffer {name}")
