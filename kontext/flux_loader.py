@@ -13,7 +13,7 @@ from .dit import FluxDiT
 from .errors import CheckpointError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
 from .ops import set_formats
-from .precision import resolve
+from .precision import DENSE, resolve
 from .weights import Checkpoint, Plan, Source, load_plan
 from .weights.checkpoint import resolve_model_path
 from .weights.identify import describe
@@ -114,3 +114,22 @@ def _quantize_on_load(name: str, rows: int, src: Source, fmt: str) -> tuple[tupl
 
 
 __all__ = ["load_dit", "FluxConfig"]
+
+
+def resident_bytes(config: FluxConfig, precision: str = "bf16", dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes the DiT's weights take in memory when a full-precision file is loaded at `precision`, counted on the
+    `meta` device (no weights needed): quantised tensors at their own size, the rest in the compute dtype."""
+    with torch.device("meta"):
+        model = FluxDiT(config, dtype=dtype)
+    if precision in ("fp8", "fp4"):
+        set_formats(model, {n: (precision, {"scale_shape": (m.out_features,)} if precision == "fp8" else {})
+                            for n, m in model.named_modules()
+                            if isinstance(m, nn.Linear) and n.startswith(QUANTIZABLE)})
+    elif precision in DENSE:
+        dtype = DENSE[precision]
+    total = 0
+    for module in model.modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            quantised = getattr(module, "fmt", "dense") != "dense" and leaf != "bias"
+            total += p.numel() * (p.element_size() if quantised else dtype.itemsize)
+    return total

@@ -21,9 +21,8 @@ from conftest import rel_err
 from safetensors.torch import load_file, save_file
 
 import kontext
-from kontext.ids import image_ids, text_ids
-from kontext.pipeline import _reference_tokens, to_raw
-from kontext.sampling import pack, unpack
+from kontext.denoiser import Denoiser
+from kontext.vae import to_raw
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
@@ -73,12 +72,10 @@ def test_dit_velocity_matches_comfyui(tiny_models, tmp_path):
 
     dit = kontext.load_dit(tiny_models["dit"])
     ref_list = [refs[k] for k in sorted(refs)]
-    # Our references travel as raw VAE latents; map these model-space ones back so _reference_tokens maps them in.
-    ref_tokens = torch.cat([pack(_reference_tokens(to_raw(r))) for r in ref_list], dim=1)
     for method in ("offset", "index"):
-        ids = image_ids(tuple(x.shape[2:]), [tuple(r.shape[2:]) for r in ref_list], method)
+        # Our references travel as raw VAE latents; map these model-space ones back, the denoiser maps them in.
+        denoiser = Denoiser(dit, tuple(x.shape[2:]), [to_raw(r) for r in ref_list], method)
         with torch.no_grad():
-            v = dit(torch.cat([pack(x), ref_tokens], 1), ids, io["txt"], text_ids(9), io["t"], io["y"], io["g"])
-        ours = unpack(v[:, : pack(x).shape[1]], 8, 12)
+            ours = denoiser(x, io["t"], io["txt"], io["y"], io["g"])
         # The raw<->model-space round trip costs float32 rounding on the reference latents: ~1e-7 relative.
         assert rel_err(ours, theirs[method]) <= 1e-5, method

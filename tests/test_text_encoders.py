@@ -16,7 +16,7 @@ from kontext.weights.loading import check_plan
 
 transformers = pytest.importorskip("transformers")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 # fp32 on CPU, same weights, same math up to summation order: differences are float rounding (~1e-7).
 PARITY_TOL = 1e-5
 
@@ -224,7 +224,7 @@ def test_tiny_writers_layouts(clip_dir, t5_dir):
     assert "shared.weight" in t and "encoder.embed_tokens.weight" not in t
     assert t.shape("shared.weight") == (32128, 64) and {t.dtype(k) for k in t.keys()} == {torch.float16}
     f = Checkpoint(t5_dir / "t5xxl_fp8_e4m3fn_scaled.safetensors")
-    assert f.is_fp8_scaled and f.dtype("scaled_fp8") == torch.float8_e4m3fn
+    assert f.is_quantized and f.dtype("scaled_fp8") == torch.float8_e4m3fn
     assert f.dtype("encoder.block.0.layer.0.SelfAttention.q.weight") == torch.float8_e4m3fn
     assert f.dtype("encoder.block.0.layer.0.SelfAttention.q.scale_weight") == torch.float32
     assert f.dtype("shared.weight") == torch.float16 and f.dtype("encoder.final_layer_norm.weight") == torch.float16
@@ -247,17 +247,14 @@ def test_diffusers_folders_load_in_transformers(clip_dir, t5_dir):
 # ---------------------------------------------------------------- full size vs the real tensor tables
 
 def table(name: str) -> dict[str, tuple[int, ...]]:
-    path = DATA / "checkpoint_tables.json"
-    if not path.exists():
-        pytest.skip(f"shared reference data not found at {DATA}")
-    return {k: tuple(s) for k, s in json.loads(path.read_text())[name]}
+    return {k: tuple(s) for k, s in json.loads((DATA / "checkpoint_tables.json").read_text())[name]}
 
 
 def header_only(name: str, shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
     """A Checkpoint whose header is the real file's table and which holds no data: enough to plan a load."""
     ckpt = Checkpoint.__new__(Checkpoint)
     ckpt.path = Path(name)
-    ckpt.files, ckpt.metadata, ckpt.config = [ckpt.path], {}, {}
+    ckpt.files, ckpt.metadata, ckpt.config, ckpt.quantized = [ckpt.path], {}, {}, {}
     ckpt.infos = {k: TensorInfo("F16", s, ckpt.path, 0, 0) for k, s in shapes.items()}
     return ckpt
 

@@ -1,0 +1,165 @@
+"""`quantize`: write a DiT checkpoint in ComfyUI's mixed-precision layout, streaming one tensor at a time.
+
+The output has BFL's key names (as the release file), dense tensors in bf16 (or the input's fp16/fp32), and for every
+linear layer of the transformer blocks:
+- fp8: `weight` float8_e4m3fn, `weight_scale` a float32 per-tensor scale (ComfyUI's mixed layout has one per tensor);
+- fp4: `weight` NVFP4-packed uint8 [N, K/2], `weight_scale` e4m3 block scales (tiled), `weight_scale_2` float32;
+- `comfy_quant`: the JSON description `{"format": "float8_e4m3fn" | "nvfp4"}` as a uint8 tensor.
+So ComfyUI's own UNETLoader reads it, and so does `kontext.load_dit`.
+
+The safetensors header is computed first from the input's header alone (every output shape and dtype is known),
+then each tensor is read, converted and appended: memory stays at about one tensor, not the model. The file is
+written beside OUT and renamed at the end, so an interrupted run never leaves a half-written OUT.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from ..flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
+from ..weights import Checkpoint, Source
+from ..weights.checkpoint import DTYPES, resolve_model_path
+from ..weights.loading import build_tensor, source_shape
+from . import fp8, nvfp4
+
+log = logging.getLogger(__name__)
+
+COMFY_FORMATS = {"fp8": "float8_e4m3fn", "fp4": "nvfp4"}
+SAFETENSORS_DTYPES = {v: k for k, v in DTYPES.items()}
+QUANTIZABLE = ("double_blocks.", "single_blocks.")
+
+
+@dataclass
+class Entry:
+    """One output tensor: its name, dtype and shape (for the header) and how to make it (for the data)."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+def _comfy_quant(fmt: str) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": COMFY_FORMATS[fmt]}).encode("utf-8")), dtype=torch.uint8)
+
+
+class _Layer:
+    """Quantises one weight once for all the entries that hold its parts."""
+
+    def __init__(self, ckpt: Checkpoint, src: Source, fmt: str):
+        self.ckpt, self.src, self.fmt, self.parts = ckpt, src, fmt, None
+
+    def part(self, name: str) -> torch.Tensor:
+        if self.parts is None:
+            w = build_tensor(self.ckpt, self.src).float()
+            if self.fmt == "fp8":
+                w8, scale = fp8.quantize(w, per_row=False)
+                self.parts = {"weight": w8, "weight_scale": scale.reshape(())}
+            else:
+                self.parts = nvfp4.quantize(w).state_dict()
+        return self.parts.pop(name)  # popped: the layer's memory goes once all its parts are written
+
+
+def plan_output(ckpt: Checkpoint, fmt: str) -> list[Entry]:
+    """The output tensors, in file order, from the input's header alone."""
+    found = detect(ckpt.weight_keys())
+    if found is None:
+        raise InputError(f"{ckpt.path}: not a Flux DiT checkpoint, nothing to quantise")
+    layout, prefix = found
+    config = config_from_shapes(ckpt, layout, prefix)
+    from ..dit import FluxDiT
+
+    with torch.device("meta"):
+        model = FluxDiT(config)
+    names = [n for n, _ in model.named_parameters()]
+    plan = bfl_plan(names, prefix) if layout == "bfl" else diffusers_plan(config, prefix)
+    dense = _dense_dtype(ckpt)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    entries: list[Entry] = []
+    for name in names:
+        src = plan[name]
+        stem = name[: -len(".weight")]
+        if name.endswith(".weight") and stem in linears and stem.startswith(QUANTIZABLE):
+            n, k = source_shape(ckpt, src)
+            layer = _Layer(ckpt, src, fmt)
+            if fmt == "fp8":
+                parts = [("weight", torch.float8_e4m3fn, (n, k)), ("weight_scale", torch.float32, ())]
+            else:
+                parts = [("weight", torch.uint8, (n, k // 2)),
+                         ("weight_scale", torch.float8_e4m3fn, nvfp4.scale_shape(n, k)),
+                         ("weight_scale_2", torch.float32, ())]
+            entries += [Entry(f"{stem}.{p}", d, s, lambda p=p, layer=layer: layer.part(p)) for p, d, s in parts]
+            q = _comfy_quant(fmt)
+            entries.append(Entry(f"{stem}.comfy_quant", torch.uint8, tuple(q.shape), lambda q=q: q))
+        else:
+            entries.append(Entry(name, dense, tuple(source_shape(ckpt, src)),
+                                 lambda src=src: build_tensor(ckpt, src).to(dense)))
+    return entries
+
+
+def _dense_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The input's own dense dtype when it is one of bf16/fp16/fp32, else bf16 (the release file's)."""
+    dtypes = {ckpt.dtype(k) for k in ckpt.weight_keys() if k not in ckpt.quantized}
+    for d in (torch.bfloat16, torch.float16, torch.float32):
+        if dtypes == {d}:
+            return d
+    return torch.bfloat16
+
+
+def _header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for e in entries:
+        size = math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size()
+        header[e.name] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
+                          "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def quantize_file(src: str | os.PathLike, out: str | os.PathLike, precision: str, overwrite: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write `src` (any DiT layout load_dit reads) as `out` in ComfyUI's mixed layout at `precision` (fp8, fp4)."""
+    if precision not in COMFY_FORMATS:
+        raise InputError(f"precision must be one of {', '.join(COMFY_FORMATS)}, got {precision!r}")
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist")
+    ckpt = Checkpoint(resolve_model_path(src, "transformer"))
+    if ckpt.quantized:
+        log.warning("%s is already quantised: its weights are dequantised and quantised again (lossy twice)",
+                    ckpt.path.name)
+    entries = plan_output(ckpt, precision)
+    metadata = {"format": "pt", "kontext_quantized": precision}
+    if "kontext_config" in ckpt.metadata:
+        metadata["kontext_config"] = ckpt.metadata["kontext_config"]
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        with open(partial, "wb") as fh:
+            fh.write(_header(entries, metadata))
+            for i, e in enumerate(entries):
+                t = e.make().contiguous()
+                if t.dtype != e.dtype or tuple(t.shape) != e.shape:  # a bug, not user input: fail loudly
+                    raise RuntimeError(f"{e.name}: made {t.dtype} {list(t.shape)}, planned {e.dtype} {list(e.shape)}")
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                if progress is not None:
+                    progress(i, len(entries))
+        partial.replace(out)
+    except PermissionError:
+        raise InputError(f"cannot write to {out.parent} (permission denied)") from None
+    finally:
+        if partial.exists():
+            partial.unlink()
+    log.info("wrote %s (%s, %d tensors)", out, precision, len(entries))
+    return out
