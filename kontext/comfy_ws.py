@@ -14,24 +14,41 @@ class WebSocket:
     """Just enough of RFC 6455 to read ComfyUI's progress messages (text frames; binary previews are skipped)."""
 
     def __init__(self, url: str, timeout: float = 10.0):
+        """Connect and shake hands within `timeout` seconds in all; later reads of a frame wait at most that long
+        for each chunk. Failures are OSError (TimeoutError included)."""
         u = urllib.parse.urlparse(url)
+        deadline = time.monotonic() + timeout
+        self.buf, self.binary_frames = b"", 0
         self.sock = socket.create_connection((u.hostname, u.port or (443 if u.scheme == "wss" else 80)), timeout)
-        if u.scheme == "wss":
-            import ssl
+        try:
+            if u.scheme == "wss":
+                import ssl
 
-            self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=u.hostname)
+                self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=u.hostname)
+            self._handshake(u, deadline)
+        except BaseException:
+            self.close()
+            raise
+        self.sock.settimeout(timeout)
+
+    def _handshake(self, u: urllib.parse.ParseResult, deadline: float) -> None:
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall((f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\n"
                            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
                           .encode())
         head = b""
         while b"\r\n\r\n" not in head:
+            left = deadline - time.monotonic()
+            if left <= 0:  # a server trickling bytes must not hold us past the timeout either
+                raise TimeoutError("websocket handshake: no complete answer in time")
+            if len(head) > 65536:
+                raise OSError("websocket handshake: not an HTTP answer")
+            self.sock.settimeout(left)
             chunk = self.sock.recv(4096)
             if not chunk:
                 raise OSError("websocket handshake: connection closed")
             head += chunk
         head, self.buf = head.split(b"\r\n\r\n", 1)
-        self.binary_frames = 0
         accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
         if b" 101 " not in head.split(b"\r\n", 1)[0] or accept not in head:
             raise OSError("websocket handshake refused")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,26 +97,46 @@ def download(to: Path, fp8: bool = False, token: str | None = None, progress: bo
     if not progress:
         disable_progress_bars()
     try:
-        wanted = list(release_files(fp8).items()) + [("tokenizers", f) for f in TOKENIZER_FILES]
-        for key, f in wanted:
-            final = f.target(root)
-            if _complete(final):
-                logger.info("%s: already complete, skipped", final)
+        with hub_logs_once():  # the Hub's retry warnings: once each
+            wanted = list(release_files(fp8).items()) + [("tokenizers", f) for f in TOKENIZER_FILES]
+            for key, f in wanted:
+                final = f.target(root)
+                if _complete(final):
+                    logger.info("%s: already complete, skipped", final)
+                    done[key] = root / "tokenizers" if key == "tokenizers" else final
+                    continue
+                logger.info("downloading %s/%s -> %s", f.repo_id, f.filename, final)
+                local = staging / f.repo_id.replace("/", "--")
+                try:
+                    got = huggingface_hub.hf_hub_download(f.repo_id, f.filename, local_dir=local, token=token)
+                except Exception as exc:
+                    raise _explain(exc, f) from exc
+                _move(Path(got), final)
                 done[key] = root / "tokenizers" if key == "tokenizers" else final
-                continue
-            logger.info("downloading %s/%s -> %s", f.repo_id, f.filename, final)
-            local = staging / f.repo_id.replace("/", "--")
-            try:
-                got = huggingface_hub.hf_hub_download(f.repo_id, f.filename, local_dir=local, token=token)
-            except Exception as exc:
-                raise _explain(exc, f) from exc
-            _move(Path(got), final)
-            done[key] = root / "tokenizers" if key == "tokenizers" else final
     finally:
         if not progress and not bars_were_off:
             enable_progress_bars()
     shutil.rmtree(staging, ignore_errors=True)  # only reached when every file is in place
     return done
+
+
+@contextmanager
+def hub_logs_once() -> Iterator[None]:
+    """Print each huggingface_hub message (its "Retrying in 1s" warnings) once, not twice.
+
+    huggingface_hub gives its logger a handler of its own and also lets records propagate, so once the application
+    has configured logging (python -m kontext does) every message reaches stderr through both. While this is
+    active, its records go only to the application's handlers, in the application's format, when it has any.
+    """
+    hub_logger = logging.getLogger("huggingface_hub")
+    own = list(hub_logger.handlers) if hub_logger.propagate and logging.getLogger().handlers else []
+    for handler in own:
+        hub_logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in own:
+            hub_logger.addHandler(handler)
 
 
 def _complete(path: Path) -> bool:

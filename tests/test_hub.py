@@ -1,6 +1,8 @@
 """Hub downloads without a network: hf_hub_download is replaced by fakes that write files or raise the Hub's errors."""
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,3 +164,29 @@ def test_progress_false_silences_bars_only_during_the_download(tmp_path, fake):
     download(tmp_path, progress=False)
     assert fake.bars_disabled_during_call and all(fake.bars_disabled_during_call)
     assert not are_progress_bars_disabled()
+
+
+def test_hub_warnings_are_printed_once(tmp_path, monkeypatch):
+    """huggingface_hub's logger has a handler of its own and propagates too; with the application's logging set up
+    (python -m kontext calls logging.basicConfig) a retry warning must still reach stderr only once."""
+    printed = io.StringIO()
+    hub_logger = logging.getLogger("huggingface_hub")
+    own = logging.StreamHandler(printed)
+    monkeypatch.setattr(hub_logger, "handlers", [own])  # as huggingface_hub sets itself up on import
+    monkeypatch.setattr(hub_logger, "propagate", True)
+    app = logging.StreamHandler(printed)  # as logging.basicConfig adds
+    logging.getLogger().addHandler(app)
+
+    class RetryingHub(FakeHub):
+        def __call__(self, *args, **kwargs):
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+            return super().__call__(*args, **kwargs)
+
+    hub = RetryingHub()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    try:
+        download(tmp_path)
+    finally:
+        logging.getLogger().removeHandler(app)
+    assert printed.getvalue().count("Retrying in 1s") == len(hub.calls) > 0
+    assert hub_logger.handlers == [own]  # its handler is back afterwards

@@ -1,7 +1,6 @@
 """The bundled workflows (UI and API formats) and the `queue` command, against the node classes and a fake server."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import io
 import json
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kontext import cli_queue, comfy_queue
+from kontext import cli, comfy_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -189,7 +188,8 @@ def test_prompt_is_found_through_reference_chains():
 # ---------------------------------------------------------------------------------------------- queue: a fake server
 
 class FakeComfy(BaseHTTPRequestHandler):
-    """Answers like ComfyUI's /upload/image, /prompt, /history, /view (no websocket: the client polls)."""
+    """Answers like ComfyUI's /object_info, /upload/image, /prompt, /history, /view (no websocket: the client
+    polls)."""
     fail_with: dict | None = None
     prompts: list = []
     PNG = bytes.fromhex("89504e470d0a1a0a")  # enough of a PNG for a download test
@@ -218,6 +218,11 @@ class FakeComfy(BaseHTTPRequestHandler):
         self.reply({"prompt_id": "p1", "number": 0, "node_errors": {}})
 
     def do_GET(self):
+        if self.path == "/object_info":
+            return self.reply(object_info())
+        if self.path.startswith("/object_info/"):
+            name = self.path.rsplit("/", 1)[1]
+            return self.reply({name: object_info()[name]} if name in object_info() else {})
         if self.path.startswith("/history/p1"):
             status = {"status_str": "success", "completed": True, "messages": []}
             if FakeComfy.fail_with:
@@ -234,7 +239,7 @@ class FakeComfy(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeComfy)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     FakeComfy.prompts, FakeComfy.fail_with = [], None
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -243,11 +248,10 @@ def fake_server():
 
 
 def queue(*argv: str) -> tuple[int, str]:
-    parser = argparse.ArgumentParser()
-    cli_queue.add_arguments(parser)
+    """Through the command line's dispatcher, which turns the errors into exit statuses."""
     err = io.StringIO()
     with redirect_stderr(err):
-        rc = cli_queue.run(parser.parse_args(list(argv)))
+        rc = cli.main(["queue", *argv])
     return rc, err.getvalue()
 
 
@@ -262,10 +266,7 @@ def test_queue_uploads_patches_queues_and_downloads(fake_server, tmp_path):
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["edit_00001_.png"]  # outputs only, not temp previews
 
 
-def test_queue_accepts_the_ui_format_too(fake_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(comfy_queue.Server, "get_json",
-                        lambda self, path: object_info() if path == "/object_info" else
-                        json.loads(self.request(path)))
+def test_queue_accepts_the_ui_format_too(fake_server, tmp_path):
     rc, err = queue(str(WORKFLOWS / "kontext_text_to_image.json"), "--server", fake_server, "--out", str(tmp_path))
     assert rc == 0, err
     api = json.loads((WORKFLOWS / "api" / "kontext_text_to_image.json").read_text())
@@ -276,23 +277,23 @@ def test_queue_reports_comfyui_errors(fake_server, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"1": {"class_type": "NoSuchNode", "inputs": {}}}))
     rc, err = queue(str(bad), "--server", fake_server, "--out", str(tmp_path))
-    assert rc == 1 and "Cannot execute because node NoSuchNode does not exist." in err
+    assert rc == 2 and "Cannot execute because node NoSuchNode does not exist." in err
     FakeComfy.fail_with = {"node_id": "1", "node_type": "KontextModelLoader", "exception_type": "CheckpointError",
                            "exception_message": "x.safetensors: is not a Flux DiT checkpoint"}
     rc, err = queue(str(WORKFLOWS / "api" / "kontext_basic_edit.json"), "--server", fake_server, "--out",
                     str(tmp_path))
-    assert rc == 1 and "node 1 (KontextModelLoader) failed: CheckpointError: x.safetensors: is not a Flux DiT" in err
+    assert rc == 2 and "node 1 (KontextModelLoader) failed: CheckpointError: x.safetensors: is not a Flux DiT" in err
 
 
 def test_queue_explains_an_unreachable_server_and_bad_files(tmp_path):
     rc, err = queue(str(WORKFLOWS / "api" / "kontext_basic_edit.json"), "--server", "http://127.0.0.1:9",
                     "--out", str(tmp_path))
-    assert rc == 1 and "cannot reach ComfyUI at http://127.0.0.1:9" in err
+    assert rc == 2 and "cannot reach ComfyUI at http://127.0.0.1:9" in err
     rc, err = queue(str(tmp_path / "none.json"), "--server", "http://127.0.0.1:9", "--out", str(tmp_path))
-    assert rc == 1 and "cannot read the workflow" in err
+    assert rc == 2 and "no such workflow file" in err
     rc, err = queue(str(WORKFLOWS / "api" / "kontext_basic_edit.json"), "--image", str(tmp_path / "no.png"),
                     "--out", str(tmp_path))
-    assert rc == 1 and "no such file" in err
+    assert rc == 2 and "no such file" in err
 
 
 def test_ui_conversion_takes_primitive_node_values_and_drops_muted_sources():
@@ -319,4 +320,4 @@ def test_queue_out_that_is_a_file_fails_before_queueing(fake_server, tmp_path):
     before = len(FakeComfy.prompts)
     rc, err = queue(str(WORKFLOWS / "api" / "kontext_text_to_image.json"), "--server", fake_server.removeprefix("http://"),
                     "--out", str(out))
-    assert rc == 1 and "--out" in err and len(FakeComfy.prompts) == before and out.read_text() == "x"
+    assert rc == 2 and "--out" in err and len(FakeComfy.prompts) == before and out.read_text() == "x"
