@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny models (written once per session) and the reference data folder."""
+"""Shared fixtures: the tiny models (written once per session) and the reference tensor tables in tests/data."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import torch
 
 import kontext
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -25,7 +25,5 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def checkpoint_tables() -> dict:
-    path = SHARED_DATA / "checkpoint_tables.json"
-    if not path.exists():
-        pytest.skip(f"reference tensor tables not found at {path}")
-    return json.loads(path.read_text())
+    """Tensor tables (name, shape) of the public release files, see the file's "about" entry."""
+    return json.loads((DATA / "checkpoint_tables.json").read_text())

@@ -20,7 +20,6 @@ def test_full_size_structure_matches_release_file(checkpoint_tables):
         model = kontext.FluxDiT(kontext.FluxConfig.kontext_dev())
     ours = {n: list(p.shape) for n, p in model.named_parameters()}
     assert ours == {n: s for n, s in checkpoint_tables["flux_bfl"]}
-    assert sum(p.numel() for p in model.parameters()) == 11_901_408_320
 
 
 def test_diffusers_key_map_covers_release_folder_exactly(checkpoint_tables):

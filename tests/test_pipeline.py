@@ -229,7 +229,7 @@ def test_cancel_leaves_nothing_of_the_run_alive(ours):
     with pytest.raises(Cancelled) as info:
         ours.edit("x", [reference_image(64, 64, 0)], steps=3, width=64, height=64, resize_references=False,
                   callback=cb)
-    assert info.value is not None and seen and seen[0]() is None
+    assert seen and seen[0]() is None, info.value  # checked while the exception (and its traceback) is held
 
 
 def test_init_image_of_any_size_and_image_to_image_without_references(ours):

@@ -14,7 +14,6 @@ from kontext.errors import CheckpointError, InputError
 from kontext.vae import (SCALE, SHIFT, AutoEncoder, VAEConfig, load_vae, tiny_state_dict, write_tiny_vae,
                          write_tiny_vae_diffusers)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # fp32 on CPU, same weights, same op order up to conv/SDPA kernel choice: differences are rounding only (~1e-7).
 RTOL = 1e-5
 
@@ -131,16 +130,13 @@ def test_bf16_load(files, inputs):
     assert rel_err(mean, ref) < 5e-2  # bf16 keeps ~3 significant digits; a few layers compound it
 
 
-def test_full_size_matches_release_table():
-    table = DATA / "checkpoint_tables.json"
-    if not table.exists():
-        pytest.skip(f"{table} not found (the shared reference data sits beside the repo)")
-    expected = {name: tuple(shape) for name, shape in json.loads(table.read_text())["vae_bfl"]}
+def test_full_size_matches_release_table(checkpoint_tables):
+    expected = {name: tuple(shape) for name, shape in checkpoint_tables["vae_bfl"]}
     with torch.device("meta"):
         model = AutoEncoder(VAEConfig.full())
     ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
     assert ours == expected
-    assert VAEConfig.full().z_channels == 16 and (SCALE, SHIFT) == (0.3611, 0.1159)
+    assert (SCALE, SHIFT) == (0.3611, 0.1159)  # scaling_factor, shift_factor of the release vae/config.json
 
 
 def test_tiny_writer_deterministic_and_sane(files, inputs):
