@@ -15,23 +15,27 @@ from typing import Callable, Sequence
 
 import torch
 
-from .dit import FluxDiT
+from .dit import PLAIN, BlockRunner, FluxDiT
 from .errors import InputError
 from .ids import image_ids, text_ids, tokens
 from .rope import Positions
 from .sampling import LATENT_CHANNELS, pack, pad_to_patches, unpack
 from .vae import to_model_space
 
-# (img, txt, timesteps, y, guidance, pe) -> prediction for every image token: a DiT forward, or another backend's.
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Positions],
-                   torch.Tensor]
+# (img, txt, timesteps, y, guidance, pe, blocks) -> prediction for every image token: a DiT forward, or another
+# backend's (which may ignore `blocks`).
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Positions,
+                    BlockRunner], torch.Tensor]
 
 
-def reference_tokens(raw: torch.Tensor) -> torch.Tensor:
-    """A raw VAE reference latent [B, 16, h, w] as packed model-space tokens [B, N, 64] (odd sides padded)."""
-    if raw.dim() != 4 or raw.shape[1] != LATENT_CHANNELS:
-        raise InputError(f"reference latent of shape {list(raw.shape)}: expected [B, {LATENT_CHANNELS}, h, w]")
-    return pack(pad_to_patches(to_model_space(raw.float())))
+def reference_tokens(latent: torch.Tensor, space: str = "raw") -> torch.Tensor:
+    """A reference latent [B, 16, h, w] as packed model-space tokens [B, N, 64] (odd sides padded). `space` is
+    "raw" for the VAE's own latents (ours, ComfyUI's LATENT), "model" for ones already scaled and shifted (what
+    ComfyUI's Flux model receives as ref_latents)."""
+    if latent.dim() != 4 or latent.shape[1] != LATENT_CHANNELS:
+        raise InputError(f"reference latent of shape {list(latent.shape)}: expected [B, {LATENT_CHANNELS}, h, w]")
+    z = to_model_space(latent.float()) if space == "raw" else latent.float()
+    return pack(pad_to_patches(z))
 
 
 class Denoiser:
@@ -39,15 +43,16 @@ class Denoiser:
 
     def __init__(self, dit: FluxDiT, latent_size: tuple[int, int], ref_latents: Sequence[torch.Tensor] = (),
                  reference_method: str = "offset", device: torch.device | str | None = None,
-                 forward: Forward | None = None):
-        """`latent_size` (h, w) is the target's, in latent pixels; `ref_latents` are raw VAE latents [1 or B, 16,
-        h, w] of any sizes. `forward` replaces the DiT's own forward (another backend) when given."""
+                 forward: Forward | None = None, ref_space: str = "raw"):
+        """`latent_size` (h, w) is the target's, in latent pixels; `ref_latents` are VAE latents [1 or B, 16, h, w]
+        of any sizes, raw (`ref_space="raw"`) or model-space ("model"). `forward` replaces the DiT's own forward
+        (another backend) when given."""
         self.dit = dit
         self.h, self.w = latent_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.method = reference_method
         self.n_target = tokens(self.h) * tokens(self.w)
-        self.refs = [reference_tokens(r).to(self.device) for r in ref_latents]  # each [1 or B, N_k, 64]
+        self.refs = [reference_tokens(r, ref_space).to(self.device) for r in ref_latents]  # each [1 or B, N_k, 64]
         self._joined: dict[int, torch.Tensor] = {}  # the references' tokens joined, by batch size
         # Ids are the same for every image of a batch: one row, broadcast.
         self.img_ids = image_ids((self.h, self.w), [tuple(r.shape[2:]) for r in ref_latents], reference_method,
@@ -60,8 +65,9 @@ class Denoiser:
             self._pe[text_len] = self.dit.positions(text_ids(text_len, 1).to(self.device), self.img_ids)
         return self._pe[text_len]
 
-    def _dit_forward(self, img, txt, timesteps, y, guidance, pe):
-        return self.dit(img, None, txt, None, timesteps, y, guidance, pe=pe)
+    def _dit_forward(self, img, txt, timesteps, y, guidance, pe, blocks):
+        # FluxDiT's own forward, also when a host subclass or wrapper gives the module another call signature.
+        return FluxDiT.forward(self.dit, img, None, txt, None, timesteps, y, guidance, pe=pe, blocks=blocks)
 
     def tokens(self, z: torch.Tensor) -> torch.Tensor:
         """[B, 16, h, w] model-space latent -> [B, N, 64]: target tokens, then the references'."""
@@ -82,17 +88,18 @@ class Denoiser:
         return self._joined[B]
 
     def predict(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
-                guidance: torch.Tensor | None) -> torch.Tensor:
+                guidance: torch.Tensor | None, blocks: BlockRunner = PLAIN) -> torch.Tensor:
         """Packed tokens in, the target tokens' velocity [B, n_target, 64] (float32) out."""
-        return self.forward(img, txt, t, pooled, guidance, self.positions(txt.shape[1]))[:, :self.n_target].float()
+        pe = self.positions(txt.shape[1])
+        return self.forward(img, txt, t, pooled, guidance, pe, blocks)[:, :self.n_target].float()
 
     def __call__(self, z: torch.Tensor, sigma: float | torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
-                 guidance: float | torch.Tensor | None) -> torch.Tensor:
+                 guidance: float | torch.Tensor | None, blocks: BlockRunner = PLAIN) -> torch.Tensor:
         """Model-space latent [B, 16, h, w] at noise level sigma -> velocity [B, 16, h, w] (float32)."""
         B = z.shape[0]
         t = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(B).to(self.device)
         g = None if guidance is None else \
             torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(B).to(self.device)
-        v = self.predict(self.tokens(z), t, txt, pooled, g)
+        v = self.predict(self.tokens(z), t, txt, pooled, g, blocks)
         hp, wp = self.h + self.h % 2, self.w + self.w % 2  # padded latent size
         return unpack(v, hp, wp)[:, :, :self.h, :self.w]

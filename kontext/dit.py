@@ -21,6 +21,23 @@ from .rope import Positions, positions
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+class BlockRunner:
+    """How the blocks are run: plainly here; a host overrides it to wrap, replace or feed blocks (ComfyUI's block
+    patches and ControlNet residuals, an offload policy that prefetches the next block's weights)."""
+
+    def double(self, i: int, block: DoubleStreamBlock, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+               pe: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        return block(img, txt, vec, pe)
+
+    def single(self, i: int, block: SingleStreamBlock, x: torch.Tensor, vec: torch.Tensor, pe: Positions,
+               n_txt: int) -> torch.Tensor:
+        """x is the joint [txt, img] sequence; its first n_txt tokens are text."""
+        return block(x, vec, pe)
+
+
+PLAIN = BlockRunner()
+
+
 class FluxDiT(nn.Module):
     def __init__(self, config: FluxConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -60,11 +77,13 @@ class FluxDiT(nn.Module):
 
     def forward(self, img: torch.Tensor, img_ids: torch.Tensor | None, txt: torch.Tensor,
                 txt_ids: torch.Tensor | None, timesteps: torch.Tensor, y: torch.Tensor,
-                guidance: torch.Tensor | None = None, pe: Positions | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, pe: Positions | None = None,
+                blocks: BlockRunner = PLAIN) -> torch.Tensor:
         """img [B, N, 64] packed tokens (target, then references), ids [B, *, 3], txt [B, L, ctx], y [B, vec],
         timesteps [B] in [0, 1], guidance [B] -> velocity prediction [B, N, 64] for every image token.
 
-        `pe`, the RoPE tables of `positions(txt_ids, img_ids)`, replaces the ids when given (the per-step path)."""
+        `pe`, the RoPE tables of `positions(txt_ids, img_ids)`, replaces the ids when given (the per-step path);
+        `blocks` runs each block (see BlockRunner)."""
         if img.dim() != 3 or txt.dim() != 3:
             raise ValueError(f"img and txt must be [B, N, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
         if pe is None:
@@ -75,9 +94,9 @@ class FluxDiT(nn.Module):
         vec = self.conditioning_vector(timesteps, y, guidance)
         img = self.img_in(img.to(dtype))
         txt = self.txt_in(txt.to(dtype))
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+        for i, block in enumerate(self.double_blocks):
+            img, txt = blocks.double(i, block, img, txt, vec, pe)
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
+        for i, block in enumerate(self.single_blocks):
+            x = blocks.single(i, block, x, vec, pe, txt.shape[1])
         return self.final_layer(x[:, txt.shape[1]:], vec)

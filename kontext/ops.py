@@ -29,17 +29,46 @@ __all__ = ["FP8_DTYPES", "FORMATS", "Linear", "Fp8Linear", "Fp4Linear", "make_li
            "dense_state_dict", "linear_formats"]
 
 
-class Linear(nn.Linear):
+class CastAtUse:
+    """Layers whose weights may live elsewhere than their input (offloaded, streamed by a memory manager): each call
+    brings the weight to the input's device and dtype (a no-op when it is there already) and applies the functions
+    a host registered on it, such as a LoRA delta computed at run time.
+
+    The attribute names are those of ComfyUI's memory manager (ModelPatcher), the host that drives this protocol:
+    it offloads layers that have `comfy_cast_weights` and fills `weight_function` / `bias_function`."""
+
+    comfy_cast_weights = False
+
+    def _init_cast(self) -> None:
+        self.weight_function: list = []
+        self.bias_function: list = []
+
+    def cast_weight(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        w = w.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        for f in self.weight_function:
+            w = f(w)
+        return w
+
+    def cast_bias(self, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if b is None:
+            return None
+        b = b.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        for f in self.bias_function:
+            b = f(b)
+        return b
+
+
+class Linear(CastAtUse, nn.Linear):
     """A dense linear layer that computes in its input's dtype."""
 
     fmt = "dense"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_cast()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
-            b = None if b is None else b.to(x.dtype)
-        return F.linear(x, w, b)
+        return F.linear(x, self.cast_weight(self.weight, x), self.cast_bias(self.bias, x))
 
 
 _logged: set[tuple[str, str]] = set()
@@ -52,7 +81,7 @@ def _log_path(fmt: str, path: str, why: str) -> None:
         log.info("%s linear layers: %s (%s)", fmt, path, why)
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(CastAtUse, nn.Module):
     """A linear layer holding float8 weights and their scale exactly as stored (see kontext.quant.fp8).
 
     `full_precision` (ComfyUI's `full_precision_matrix_mult`) keeps the layer on the weight-only path."""
@@ -75,6 +104,7 @@ class Fp8Linear(nn.Module):
         self.input_scale = nn.Parameter(torch.empty((), device=device), requires_grad=False) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._path: str | None = None
+        self._init_cast()
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype`: float32 product first, then one rounding (as dequantise-on-load did)."""
@@ -96,19 +126,20 @@ class Fp8Linear(nn.Module):
         return self._path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.path(x) == "scaled_mm":
-            row = self.weight_scale.float().reshape(1, -1).expand(1, self.out_features)
-            return fp8.scaled_mm_linear(x, self.weight, row.contiguous(), self.bias)
+        w8, scale = self.weight.to(x.device, non_blocking=True), self.weight_scale.to(x.device, non_blocking=True)
+        if x.is_cuda and not self.weight_function and self.path(x) == "scaled_mm":
+            row = scale.float().reshape(1, -1).expand(1, self.out_features)
+            return fp8.scaled_mm_linear(x, w8, row.contiguous(), self.cast_bias(self.bias, x))
         if not x.is_cuda:
             _log_path("fp8", "weight-only", f"no fp8 matmul on {x.device}")
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), b)
+        # A run-time weight function (a LoRA on a quantised layer) sees the dequantised weight: nothing re-quantised.
+        return F.linear(x, self.cast_weight(fp8.dequantize(w8, scale, x.dtype), x), self.cast_bias(self.bias, x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"
 
 
-class Fp4Linear(nn.Module):
+class Fp4Linear(CastAtUse, nn.Module):
     """A linear layer holding NVFP4 weights as stored (kontext.quant.nvfp4): packed e2m1 pairs [out, in/2], e4m3
     block scales in cuBLAS's tiled layout, a float32 tensor scale. Computes weight-only (W4A16): dequantised to
     the compute dtype at use."""
@@ -132,17 +163,18 @@ class Fp4Linear(nn.Module):
         self.weight_scale_2 = nn.Parameter(torch.empty((), device=device), requires_grad=False)
         self.input_scale = nn.Parameter(torch.empty((), device=device), requires_grad=False) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
+        self._init_cast()
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         from .quant import nvfp4
 
-        return nvfp4.dequantize(self.weight, self.weight_scale, self.weight_scale_2,
+        device = device or self.weight.device
+        return nvfp4.dequantize(self.weight.to(device), self.weight_scale.to(device), self.weight_scale_2.to(device),
                                 (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _log_path("fp4", "weight-only (W4A16)", "NVFP4 weights are dequantised per layer at use")
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), b)
+        return F.linear(x, self.cast_weight(self.dequantized(x.dtype, x.device), x), self.cast_bias(self.bias, x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=nvfp4"
