@@ -20,9 +20,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import Cancelled, InputError, KontextError
+
+if TYPE_CHECKING:  # imported where used: they import torch
+    from PIL import Image
+
+    from .params import SamplingParams
+    from .pipeline import KontextPipeline
 
 log = logging.getLogger("kontext")
 
@@ -175,7 +182,7 @@ def check_model_source(args) -> None:
             find_tokenizer_dirs(args.tokenizers)  # a wrong folder is named now, not after the weights load
 
 
-def sampling_params(args):
+def sampling_params(args) -> SamplingParams:
     """Every number through the engine's one set of rules, in flag names; warnings for options that do nothing."""
     from .params import CLI, SamplingParams
 
@@ -203,7 +210,7 @@ def check_images(images: list[Path]) -> None:
             raise InputError(f"--image {img} is not a file")
 
 
-def load_references(images: list[Path]) -> list:
+def load_references(images: list[Path]) -> list[Image.Image]:
     """The --image files, decoded now: a file that is not a picture should not wait for the models to load."""
     from .references import load_image
 
@@ -270,7 +277,7 @@ def check_target_folder(folder: Path, what: str) -> None:
     check_writable(existing, f"{what} {folder}")
 
 
-def save_image(image, out: Path, fmt: str) -> None:
+def save_image(image: Image.Image, out: Path, fmt: str) -> None:
     # Write next to the target, then move: an interrupted save never leaves a half-written file under --out.
     partial = out.with_name(f".{out.name}.partial")
     try:
@@ -295,10 +302,10 @@ def tiny_models() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def load_pipeline(args, tiny_dir: Path | None):
+def load_pipeline(args, tiny_dir: Path | None) -> KontextPipeline:
     from .pipeline import KontextPipeline
 
-    device = dict(device=args.device, precision=args.precision)
+    device = {"device": args.device, "precision": args.precision}
     if tiny_dir is not None:
         return KontextPipeline.from_models_dir(tiny_dir, **device)
     if args.models is not None:

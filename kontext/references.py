@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -82,9 +83,18 @@ def _open(path: Path) -> Image.Image:
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now, inside the try: a truncated file fails here rather than later
-            return _exif_upright(im, str(path))
+        # Above Image.MAX_IMAGE_PIXELS (a 10000x10000 photo) PIL prints a raw warnings-module message, from open()
+        # or from a plugin's load(); one line of ours, through logging, says it instead. Twice the limit raises.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                pixels, limit = im.width * im.height, Image.MAX_IMAGE_PIXELS  # limit None: check switched off
+                if limit is not None and pixels > limit:
+                    logger.warning("%s is %dx%d (%.0f megapixels, above PIL's %.0f-megapixel limit for untrusted "
+                                   "images): decoding it needs about %.1f GB; a downscaled copy edits as well",
+                                   path, im.width, im.height, pixels / 1e6, limit / 1e6, pixels * 3 / 1e9)
+                im.load()  # decode now, inside the try: a truncated file fails here rather than later
+                return _exif_upright(im, str(path))
     except Image.DecompressionBombError as exc:
         # PIL's guard against images that expand to gigabytes; we keep the limit and explain it.
         raise InputError(f"{path}: refused as a possible decompression bomb ({exc}). Downscale the image first; "
