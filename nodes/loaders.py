@@ -7,7 +7,7 @@ import torch
 
 from .cache import cached
 from .host import fingerprint, model_list, model_path
-from .placement import POLICIES, Placed, compute_dtype
+from .placement import POLICIES, Placed, compute_dtype, model_for
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,15 @@ def _changed(folder: str, name: str) -> str:
 class KontextModelLoader:
     DESCRIPTION = ("Loads the FLUX.1 Kontext [dev] diffusion transformer from models/diffusion_models: BFL's "
                    "flux1-kontext-dev.safetensors, ComfyUI's flux1-dev-kontext_fp8_scaled.safetensors or a diffusers "
-                   "transformer folder (the layout is detected). Loaded once and reused while the file is unchanged.")
+                   "transformer folder (the layout is detected), as ComfyUI's own MODEL: use it with Kontext Sampler, "
+                   "or with KSampler, LoRA loaders and ComfyUI's model patches. Loaded once and reused while the file "
+                   "is unchanged.")
     CATEGORY = "Kontext/loaders"
     FUNCTION = "load"
-    RETURN_TYPES = ("KONTEXT_DIT",)
-    RETURN_NAMES = ("dit",)
-    OUTPUT_TOOLTIPS = ("The Kontext diffusion transformer, for Kontext Sampler.",)
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The Kontext diffusion transformer as a ComfyUI MODEL (ComfyUI's Flux model class with the "
+                       "pack's DiT inside), for Kontext Sampler or KSampler.",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -67,7 +70,6 @@ class KontextModelLoader:
 
     def load(self, dit_name: str, weight_dtype: str = "auto", device: str = "auto"):
         from kontext.flux_loader import load_dit
-
         from kontext.precision import resolve
 
         path = model_path("diffusion_models", dit_name, "diffusion model")
@@ -75,8 +77,8 @@ class KontextModelLoader:
         prec = resolve(weight_dtype, compute_dtype(device, "dit"), torch.device("cpu"), name="weight_dtype")
 
         def load():
-            return Placed(device, "dit", path.name,
-                          dit=load_dit(path, device="cpu", dtype=prec.compute, precision=weight_dtype))
+            dit = load_dit(path, device="cpu", dtype=prec.compute, precision=weight_dtype)
+            return model_for(dit, device)
 
         return (cached("dit", (path,), (weight_dtype, str(prec.compute), device), load),)
 

@@ -62,6 +62,28 @@ def _devices(policy: str, kind: str) -> tuple[torch.device, torch.device]:
     return run, rest
 
 
+def model_for(dit, policy: str):
+    """The DiT as a MODEL: ComfyUI's own (ModelPatcher over its Flux class) inside ComfyUI, else a stand-in."""
+    from .model import StandaloneModel, comfy_model
+
+    run, rest = _devices(policy, "dit")
+    if comfy("comfy.model_patcher") is None:
+        return StandaloneModel(dit, run)
+    return comfy_model(dit, run, rest)
+
+
+@contextmanager
+def loaded(model, extra_bytes: int = 0) -> Iterator[torch.device]:
+    """The MODEL ready to run for the block; yields its run device. Inside ComfyUI its memory manager loads it,
+    partially (the rest streams at use) when the GPU is smaller than the weights, and applies its patches (LoRA)."""
+    mm = comfy("comfy.model_management")
+    if mm is not None and hasattr(model, "patch_model"):
+        mm.load_models_gpu([model], memory_required=extra_bytes)
+    else:
+        model.model.diffusion_model.to(model.load_device)
+    yield model.load_device
+
+
 def compute_dtype(policy: str, kind: str) -> torch.dtype:
     """The dtype to load in: bf16 (fp16 where bf16 is unsupported) on GPUs, fp32 on the CPU (as ComfyUI does)."""
     run, _ = _devices(policy, kind)

@@ -12,6 +12,8 @@ from kontext.params import NODE, SamplingParams
 
 from .convert import entries
 from .host import Progress, check_interrupt
+from .model import kontext_dit
+from .placement import loaded
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class KontextSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "dit": ("KONTEXT_DIT", {"tooltip": "From Load Kontext Model."}),
+                "model": ("MODEL", {"tooltip": "From Load Kontext Model (with any LoRA loaders after it)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The instruction with its reference images (Kontext Text "
                                                          "Encode, then Kontext Reference Image nodes)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
@@ -87,7 +89,7 @@ class KontextSampler:
             },
         }
 
-    def sample(self, dit, positive, seed: int, steps: int, guidance: float, true_cfg: float, width: int,
+    def sample(self, model, positive, seed: int, steps: int, guidance: float, true_cfg: float, width: int,
                height: int, denoise: float, negative=None, latent=None):
         from kontext.ids import tokens as patches
         from kontext.pipeline import sample_latent
@@ -138,22 +140,23 @@ class KontextSampler:
                 raise InputError(f"the latent input is {size_from[0]}x{size_from[1]} but width/height ask for "
                                  f"{w}x{h}: set both to 0 to follow the latent, or match its size")
 
-        cfg = dit.dit.config
+        dit = kontext_dit(model)
+        cfg = dit.config
         image_tokens = [(h // 8, w // 8)] + [tuple(r.shape[-2:]) for r in refs]  # latent sizes
         tokens = sum(patches(a) * patches(b) for a, b in image_tokens) + txt.shape[1]
         extra = activation_bytes(tokens, cfg.hidden_size, batch, 2 if neg_txt is not None else 1,
-                                 dit.dit.compute_dtype)
+                                 dit.compute_dtype)
         log.info("Kontext Sampler: %dx%d, %d reference(s), %d steps, guidance %.2f, true_cfg %.2f, seed %d",
                  w, h, len(refs), steps, guidance, true_cfg, seed)
         check_interrupt()
-        with dit.running(extra):
-            progress = Progress(steps, dit.run_device)
+        with loaded(model, extra) as device:
+            progress = Progress(steps, device)
             try:
-                out = sample_latent(dit.dit, txt, pooled, ref_latents=refs, width=w, height=h, seed=seed,
+                out = sample_latent(dit, txt, pooled, ref_latents=refs, width=w, height=h, seed=seed,
                                     steps=steps, guidance=guidance, true_cfg=true_cfg, neg_txt=neg_txt,
                                     neg_pooled=neg_pooled, denoise=denoise,
                                     init_latent=init if denoise < 1.0 else None, reference_method=method,
-                                    callback=progress, num_images=batch, device=dit.run_device)
+                                    callback=progress, num_images=batch, device=device)
             except BaseException as exc:  # a cancel: let the run's tensors go now, not with ComfyUI's error report
                 traceback.clear_frames(exc.__traceback__)
                 raise

@@ -193,7 +193,7 @@ def basic_edit() -> tuple[list[N], str]:
         N(5, "KontextTextEncode", (440, 0), {"prompt": "Change the background to a snowy mountain village at dusk, "
                                                        "keep the subject exactly as it is"}, {"text_encoders": (2, 0)}),
         N(6, "KontextReferenceImage", (440, 250), {}, {"conditioning": (5, 0), "vae": (3, 0), "image": (4, 0)}),
-        N(7, "KontextSampler", (860, 0), {"seed": 42}, {"dit": (1, 0), "positive": (6, 0)}),
+        N(7, "KontextSampler", (860, 0), {"seed": 42}, {"model": (1, 0), "positive": (6, 0)}),
         N(8, "KontextVAEDecode", (860, 380), {}, {"samples": (7, 0), "vae": (3, 0)}),
         N(9, "SaveImage", (1260, 0), {"filename_prefix": "kontext/edit"}, {"images": (8, 0)}),
     ], note("**Basic edit**: load an image, say what to change. The output keeps the image's size "
@@ -209,7 +209,7 @@ def two_references() -> tuple[list[N], str]:
           {"text_encoders": (2, 0)}),
         N(7, "KontextReferenceImage", (440, 250), {}, {"conditioning": (6, 0), "vae": (3, 0), "image": (4, 0)}),
         N(8, "KontextReferenceImage", (440, 430), {}, {"conditioning": (7, 0), "vae": (3, 0), "image": (5, 0)}),
-        N(9, "KontextSampler", (860, 0), {"seed": 7}, {"dit": (1, 0), "positive": (8, 0)}),
+        N(9, "KontextSampler", (860, 0), {"seed": 7}, {"model": (1, 0), "positive": (8, 0)}),
         N(10, "KontextVAEDecode", (860, 380), {}, {"samples": (9, 0), "vae": (3, 0)}),
         N(11, "SaveImage", (1260, 0), {"filename_prefix": "kontext/two_references"}, {"images": (10, 0)}),
     ], note("**Two references**: chain one Kontext Reference Image per picture. The output size "
@@ -222,13 +222,13 @@ def iterative_edit() -> tuple[list[N], str]:
         N(5, "KontextTextEncode", (440, 0), {"prompt": "Turn the scene into a rainy night, keep the composition"},
           {"text_encoders": (2, 0)}, title="Edit 1"),
         N(6, "KontextReferenceImage", (440, 250), {}, {"conditioning": (5, 0), "vae": (3, 0), "image": (4, 0)}),
-        N(7, "KontextSampler", (860, 0), {"seed": 1}, {"dit": (1, 0), "positive": (6, 0)}),
+        N(7, "KontextSampler", (860, 0), {"seed": 1}, {"model": (1, 0), "positive": (6, 0)}),
         N(8, "KontextVAEDecode", (860, 380), {}, {"samples": (7, 0), "vae": (3, 0)}),
         N(9, "PreviewImage", (1260, 0), {}, {"images": (8, 0)}, title="After edit 1"),
         N(10, "KontextTextEncode", (440, 560), {"prompt": "Add warm glowing street lamps, keep everything else"},
           {"text_encoders": (2, 0)}, title="Edit 2"),
         N(11, "KontextReferenceImage", (440, 810), {}, {"conditioning": (10, 0), "vae": (3, 0), "image": (8, 0)}),
-        N(12, "KontextSampler", (860, 560), {"seed": 2}, {"dit": (1, 0), "positive": (11, 0)}),
+        N(12, "KontextSampler", (860, 560), {"seed": 2}, {"model": (1, 0), "positive": (11, 0)}),
         N(13, "KontextVAEDecode", (860, 940), {}, {"samples": (12, 0), "vae": (3, 0)}),
         N(14, "SaveImage", (1260, 560), {"filename_prefix": "kontext/iterative"}, {"images": (13, 0)}),
     ], note("**Iterative edit**: the first edit's image is the reference of the second. Small steps "
@@ -242,7 +242,7 @@ def style_reference() -> tuple[list[N], str]:
                                                        "stormy sea"}, {"text_encoders": (2, 0)}),
         N(6, "KontextReferenceImage", (440, 250), {}, {"conditioning": (5, 0), "vae": (3, 0), "image": (4, 0)}),
         N(7, "KontextSampler", (860, 0), {"seed": 3, "width": 1024, "height": 1024},
-          {"dit": (1, 0), "positive": (6, 0)}),
+          {"model": (1, 0), "positive": (6, 0)}),
         N(8, "KontextVAEDecode", (860, 380), {}, {"samples": (7, 0), "vae": (3, 0)}),
         N(9, "SaveImage", (1260, 0), {"filename_prefix": "kontext/style"}, {"images": (8, 0)}),
     ], note("**Style reference**: the reference gives the look, the prompt the content (start it with "
@@ -254,7 +254,7 @@ def text_to_image() -> tuple[list[N], str]:
         N(4, "KontextTextEncode", (440, 0), {"prompt": "A red vintage bicycle leaning against a blue wooden door, "
                                                        "morning light, photograph"}, {"text_encoders": (2, 0)}),
         N(5, "KontextSampler", (860, 0), {"seed": 4, "width": 1024, "height": 1024},
-          {"dit": (1, 0), "positive": (4, 0)}),
+          {"model": (1, 0), "positive": (4, 0)}),
         N(6, "KontextVAEDecode", (860, 380), {}, {"samples": (5, 0), "vae": (3, 0)}),
         N(7, "SaveImage", (1260, 0), {"filename_prefix": "kontext/text_to_image"}, {"images": (6, 0)}),
     ], note("**Text to image**: no reference, so Kontext [dev] works as a plain FLUX.1 [dev] model. "

@@ -1,0 +1,166 @@
+"""The pack's MODEL inside a real ComfyUI: its KSampler, LoRA loader and memory manager on our DiT give ComfyUI's own
+numbers (comfy.sd.load_diffusion_model, i.e. UNETLoader, on the same file).
+
+ComfyUI's model detection fixes 24 heads of 128, so the test model is 3072 wide with one double and one single
+block (0.56 B parameters). fp32 on the CPU; tolerance 1e-5 relative on the sampled latent (the two models run the
+same float32 operations in slightly different orders).
+
+    COMFYUI_DIR=/tmp/comfyui pytest -m comfyui tests/test_comfyui_model.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from kontext.config import FluxConfig
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
+    not COMFYUI_DIR, reason="needs a real ComfyUI: set COMFYUI_DIR (tests/comfyui_env.sh builds one)")]
+
+SCRIPT = textwrap.dedent('''
+    import importlib.util, sys
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, COMFY)
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    from safetensors.torch import load_file, save_file
+    import comfy.model_management as mm
+    import comfy.sd
+    from nodes import common_ksampler  # ComfyUI's own KSampler
+
+    # The pack, imported the way ComfyUI imports a custom node folder (its name must not shadow ComfyUI's nodes).
+    spec = importlib.util.spec_from_file_location("kontext_pack", REPO + "/__init__.py",
+                                                  submodule_search_locations=[REPO])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["kontext_pack"] = pack
+    spec.loader.exec_module(pack)
+    from kontext_pack.nodes.placement import model_for
+    from kontext import load_dit
+    from kontext.ops import dense_state_dict
+
+    def ours(precision="fp32"):
+        return model_for(load_dit(WEIGHTS, precision=precision, dtype=torch.float32), "cpu")
+
+    theirs = comfy.sd.load_diffusion_model(WEIGHTS, model_options={"dtype": torch.float32})
+    mine = ours()
+    io = load_file(IO)
+    out = {}
+
+    def cond(refs, method, batch=1):
+        opts = {"pooled_output": io["y"].repeat(batch, 1), "guidance": 2.5}
+        if refs:
+            opts.update(reference_latents=refs, reference_latents_method=method)
+        neg = [[torch.zeros_like(io["ctx"]).repeat(batch, 1, 1),
+                {"pooled_output": torch.zeros_like(io["y"]).repeat(batch, 1), "guidance": 2.5}]]
+        return [[io["ctx"].repeat(batch, 1, 1), opts]], neg
+
+    def sample(model, name, refs, method, shape, cfg):
+        pos, neg = cond(refs, method)
+        lat = {"samples": torch.zeros(shape)}
+        out[name] = common_ksampler(model, 7, 3, cfg, "euler", "simple", pos, neg, lat)[0]["samples"]
+
+    cases = {"one_offset": ([io["r1"]], "offset", (1, 16, 8, 10), 1.0),
+             "two_offset_odd": ([io["r1"], io["r2"]], "offset", (1, 16, 7, 9), 1.0),
+             "two_index_odd": ([io["r1"], io["r2"]], "index", (1, 16, 9, 7), 1.0),
+             "batch2_cfg": ([io["r2"]], "offset", (2, 16, 8, 8), 2.0)}
+    for case, (refs, method, shape, cfg) in cases.items():
+        for who, model in (("ours", mine), ("theirs", theirs)):
+            sample(model, f"{case}.{who}", refs, method, shape, cfg)
+
+    lora = load_file(LORA)
+    case = cases["two_offset_odd"]
+    for who, model in (("ours", mine), ("theirs", theirs)):
+        patched = comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0]
+        sample(patched, f"lora.{who}", *case)
+
+    # A LoRA on fp8 weights: applied to the dequantised weight at run time, so it must equal the same LoRA on a
+    # dense model holding exactly those dequantised weights.
+    q = ours("fp8")
+    dense_dit = load_dit(WEIGHTS, precision="fp32")
+    dense_dit.load_state_dict({k: v.float() for k, v in dense_state_dict(q.model.diffusion_model.kontext_dit,
+                                                                          torch.float32).items()})
+    for who, model in (("fp8", q), ("fp8_dense", model_for(dense_dit, "cpu"))):
+        sample(comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0], f"lora.{who}", *case)
+
+    # Low VRAM: every layer left where it is, weights cast at use and the LoRA applied as a run-time function.
+    dit = mine.model.diffusion_model.kontext_dit
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    patched = comfy.sd.load_lora_for_models(mine, None, lora, 0.8, 0)[0]
+    mm.unload_all_models()
+    patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1, load_weights=True)
+    lowvram = sum(1 for m in patched.model.modules() if getattr(m, "comfy_cast_weights", False))
+    refs = [patched.model.process_latent_in(r) for r in case[0]]
+    x = torch.randn(case[2], generator=torch.Generator().manual_seed(3))
+    kw = dict(c_crossattn=io["ctx"], y=io["y"], guidance=torch.tensor([2.5]), ref_latents=refs)
+    with torch.no_grad():
+        out["lowvram.partial"] = patched.model.apply_model(x, torch.tensor([0.6]), **kw)
+    patched.unpatch_model(torch.device("cpu"))
+    patched.patch_model(device_to=torch.device("cpu"))
+    with torch.no_grad():
+        out["lowvram.full"] = patched.model.apply_model(x, torch.tensor([0.6]), **kw)
+    patched.unpatch_model(torch.device("cpu"))
+    mm.unload_all_models()
+    restored = all(torch.equal(before[k], v) for k, v in dit.state_dict().items())
+    save_file({k: v.float().contiguous() for k, v in out.items()}, OUT,
+              metadata={"lowvram_layers": str(lowvram), "restored": str(restored)})
+''')
+
+
+def _lora(path: Path, cfg: FluxConfig) -> None:
+    """A rank-4 LoRA in ComfyUI's BFL naming for a few layers of both block kinds."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    h, sd = cfg.hidden_size, {}
+    for name, out_f, in_f in (("double_blocks.0.img_attn.qkv", 3 * h, h), ("double_blocks.0.txt_mlp.0", 4 * h, h),
+                              ("single_blocks.0.linear2", h, 5 * h), ("double_blocks.0.img_mod.lin", 6 * h, h)):
+        sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.02
+        sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.02
+        sd[f"diffusion_model.{name}.alpha"] = torch.tensor(2.0)
+    save_file(sd, path)
+
+
+def test_ksampler_lora_and_lowvram_on_our_model_match_comfyuis(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from kontext.tiny import write_tiny_dit
+
+    cfg = FluxConfig(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=(16, 56, 56))
+    weights = write_tiny_dit(tmp_path / "models", config=cfg)["dit"]
+    _lora(tmp_path / "lora.safetensors", cfg)
+    g = torch.Generator().manual_seed(0)
+    save_file({"ctx": torch.randn(1, 6, 4096, generator=g), "y": torch.randn(1, 768, generator=g),
+               "r1": torch.randn(1, 16, 8, 10, generator=g), "r2": torch.randn(1, 16, 7, 5, generator=g)},
+              tmp_path / "io.safetensors")
+    python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR) / ".venv" / "bin" / "python")
+    paths = dict(COMFY=COMFYUI_DIR, REPO=str(REPO), WEIGHTS=str(weights), IO=str(tmp_path / "io.safetensors"),
+                 LORA=str(tmp_path / "lora.safetensors"), OUT=str(tmp_path / "out.safetensors"))
+    script = "".join(f"{k} = {json.dumps(v)}\n" for k, v in paths.items()) + SCRIPT
+    run = subprocess.run([python, "-c", script], cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-4000:]
+    from safetensors import safe_open
+
+    with safe_open(paths["OUT"], "pt") as f:
+        meta = f.metadata()
+    out = load_file(paths["OUT"])
+
+    def rel(a, b):
+        return ((out[a] - out[b]).abs().max() / out[b].abs().max()).item()
+
+    for case in ("one_offset", "two_offset_odd", "two_index_odd", "batch2_cfg", "lora"):
+        assert rel(f"{case}.ours", f"{case}.theirs") <= 1e-5, case
+    assert rel("lora.ours", "two_offset_odd.ours") > 1e-4  # the LoRA changed the result
+    assert rel("lora.fp8", "lora.fp8_dense") <= 1e-5  # on fp8 weights: no re-quantisation
+    assert int(meta["lowvram_layers"]) > 10 and rel("lowvram.partial", "lowvram.full") <= 1e-6
+    assert meta["restored"] == "True"  # unloading restored the base weights exactly
