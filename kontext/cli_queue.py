@@ -117,6 +117,12 @@ def open_progress(server: Server, client_id: str) -> WebSocket | None:
         return None  # progress is then only polled
 
 
+def draw_progress(line: str) -> None:
+    """One status line on stderr, redrawn in place; a newline when the prompt has finished."""
+    sys.stderr.write(f"\r{line}".ljust(73) if line else "\n")
+    sys.stderr.flush()
+
+
 def queue_and_wait(server: Server, wf: dict, args: argparse.Namespace) -> dict:
     """Queue the patched workflow and return its history entry once ComfyUI has finished it."""
     client_id = uuid.uuid4().hex
@@ -128,7 +134,7 @@ def queue_and_wait(server: Server, wf: dict, args: argparse.Namespace) -> dict:
         if not prompt_id:
             raise QueueError(f"{server.url}/prompt: the answer names no prompt_id; is it a ComfyUI server?")
         print(f"queued {args.workflow.name} as {prompt_id}", file=sys.stderr)
-        return wait(server, prompt_id, ws, args.timeout, wf)
+        return wait(server, prompt_id, ws, args.timeout, wf, on_progress=draw_progress)
     except KeyboardInterrupt:
         if prompt_id:  # stopping here does not stop the server
             print(f"\nprompt {prompt_id} stays queued on {server.url}; cancel it there if it is not wanted",

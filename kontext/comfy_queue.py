@@ -15,13 +15,13 @@ import http.client
 import json
 import mimetypes
 import re
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from .comfy_ws import WebSocket
 from .errors import InputError, KontextError
@@ -324,9 +324,12 @@ def patch(wf: dict, images: list[str], prompts: list[str], seed: int | None) -> 
 
 # ---------------------------------------------------------------------------------------------- running
 
-def wait(server: Server, prompt_id: str, ws: WebSocket | None, timeout: float, wf: dict) -> dict:
-    """Show progress until the prompt is in the history; returns its history entry. Bounded by `timeout` and by
-    the server's deadline, whichever comes first."""
+def wait(server: Server, prompt_id: str, ws: WebSocket | None, timeout: float, wf: dict,
+         on_progress: Callable[[str], None] | None = None) -> dict:
+    """Wait until the prompt is in the history; returns its history entry. Bounded by `timeout` and by the server's
+    deadline, whichever comes first. `on_progress(line)` gets a one-line status per ComfyUI progress message, and ""
+    when the prompt has finished (the command line draws them on stderr)."""
+    report = on_progress or (lambda line: None)
     deadline = time.monotonic() + timeout
     if server.deadline is not None:
         deadline = min(deadline, server.deadline)
@@ -337,7 +340,7 @@ def wait(server: Server, prompt_id: str, ws: WebSocket | None, timeout: float, w
             history = server.get_json(f"/history/{prompt_id}")
             entry = history.get(prompt_id) if isinstance(history, dict) else None
             if entry:  # ComfyUI files a prompt in the history once it has finished, either way
-                sys.stderr.write("\n")
+                report("")
                 return entry
         left = deadline - time.monotonic()
         if ws is not None and left > 0:
@@ -345,28 +348,30 @@ def wait(server: Server, prompt_id: str, ws: WebSocket | None, timeout: float, w
                 msg = ws.recv_text(min(1.0, left))
             except OSError:  # a dropped or stalled websocket: progress is then only polled
                 ws, msg = None, None
-            if msg:
-                show_progress(msg, prompt_id, wf)
+            line = progress_line(msg, prompt_id, wf) if msg else None
+            if line:
+                report(line)
         elif left > 0:
             time.sleep(min(0.5, left))
     raise QueueError(f"prompt {prompt_id} did not finish within {server.budget or timeout:g} s "
                      f"(still queued or running on {server.url})")
 
 
-def show_progress(text: str, prompt_id: str, wf: dict) -> None:
+def progress_line(text: str, prompt_id: str, wf: dict) -> str | None:
+    """A websocket message of this prompt as a one-line status ("[7 KontextSampler] step 3/28"), else None."""
     msg = _json(text.encode())
     if not isinstance(msg, dict):
-        return  # not one of ComfyUI's messages: nothing to show
+        return None  # not one of ComfyUI's messages: nothing to show
     data = msg.get("data") if isinstance(msg.get("data"), dict) else {}
     if data.get("prompt_id") not in (None, prompt_id):
-        return
+        return None
     node = data.get("node")
     label = f"{node} {wf.get(str(node), {}).get('class_type', '')}".strip() if node else ""
     if msg.get("type") == "progress":
-        sys.stderr.write(f"\r[{label}] step {data.get('value')}/{data.get('max')}".ljust(72))
-    elif msg.get("type") == "executing" and node:
-        sys.stderr.write(f"\r[{label}] running".ljust(72))
-    sys.stderr.flush()
+        return f"[{label}] step {data.get('value')}/{data.get('max')}"
+    if msg.get("type") == "executing" and node:
+        return f"[{label}] running"
+    return None
 
 
 def failure(entry: dict) -> tuple[str, dict] | None:

@@ -281,7 +281,7 @@ def test_exit_status_of_a_finished_run(comfy, tmp_path, status, rc, message):
 
 
 def test_ctrl_c_while_waiting_exits_130_and_says_the_prompt_stays_queued(comfy, tmp_path, monkeypatch):
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("kontext.cli_queue.wait", interrupted)
