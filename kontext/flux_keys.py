@@ -7,11 +7,10 @@ final AdaLN stores (scale, shift) instead of (shift, scale).
 from __future__ import annotations
 
 import json
-import re
 
 from .config import FluxConfig
 from .errors import CheckpointError
-from .weights import Checkpoint, Plan, Source
+from .weights import Checkpoint, Plan, Source, count_indexed
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
@@ -29,11 +28,6 @@ def detect(keys: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def _count(keys: list[str], pattern: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
 def config_from_shapes(ckpt: Checkpoint, layout: str, prefix: str) -> FluxConfig:
     """Read the architecture off the tensor shapes; RoPE axes from `kontext_config` metadata or BFL's default split."""
     keys = [k[len(prefix):] for k in ckpt.weight_keys() if k.startswith(prefix)]
@@ -43,14 +37,15 @@ def config_from_shapes(ckpt: Checkpoint, layout: str, prefix: str) -> FluxConfig
                      txt="txt_in.weight", qn="double_blocks.0.img_attn.norm.query_norm.scale",
                      mlp="double_blocks.0.img_mlp.0.weight", guid="guidance_in.in_layer.weight",
                      bias="double_blocks.0.img_attn.qkv.bias")
-        depth, single = _count(keys, r"double_blocks\.(\d+)\."), _count(keys, r"single_blocks\.(\d+)\.")
+        depth = count_indexed(keys, r"double_blocks\.(\d+)\.")
+        single = count_indexed(keys, r"single_blocks\.(\d+)\.")
     else:
         names = dict(img="x_embedder.weight", out="proj_out.weight", vec="time_text_embed.text_embedder.linear_1.weight",
                      txt="context_embedder.weight", qn="transformer_blocks.0.attn.norm_q.weight",
                      mlp="transformer_blocks.0.ff.net.0.proj.weight",
                      guid="time_text_embed.guidance_embedder.linear_1.weight", bias="transformer_blocks.0.attn.to_q.bias")
-        depth = _count(keys, r"transformer_blocks\.(\d+)\.")
-        single = _count(keys, r"single_transformer_blocks\.(\d+)\.")
+        depth = count_indexed(keys, r"transformer_blocks\.(\d+)\.")
+        single = count_indexed(keys, r"single_transformer_blocks\.(\d+)\.")
     missing = [n for k, n in names.items() if k not in ("guid", "bias") and n not in keys]
     if missing:
         raise CheckpointError(ckpt.path, f"is missing Flux DiT tensor '{prefix}{missing[0]}'", "a complete Flux DiT")

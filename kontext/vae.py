@@ -6,9 +6,7 @@ applied around the DiT by the caller, `(z - SHIFT) * SCALE`, as ComfyUI does, so
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, InputError
-from .weights import Checkpoint, Plan, Source, load_plan
+from .weights import Checkpoint, Plan, Source, count_indexed, load_plan
 from .weights.checkpoint import resolve_model_path
 from .weights.identify import describe
 
@@ -263,17 +261,13 @@ def _find_prefix(ckpt: Checkpoint) -> str:
     return min(found, key=len)
 
 
-def _count(keys: list[str], pattern: str) -> int:
-    return 1 + max((int(m[1]) for k in keys if (m := re.match(pattern, k))), default=-1)
-
-
 def _layout(ckpt: Checkpoint, p: str) -> tuple[str, int, int]:
     """('bfl' | 'diffusers', number of levels, res blocks per encoder level), from the key names."""
     keys, q = ckpt.weight_keys(), re.escape(p)
     for layout, level, block in (("bfl", "down", "block"), ("diffusers", "down_blocks", "resnets")):
-        levels = _count(keys, rf"{q}encoder\.{level}\.(\d+)\.")
+        levels = count_indexed(keys, rf"{q}encoder\.{level}\.(\d+)\.")
         if levels:
-            return layout, levels, _count(keys, rf"{q}encoder\.{level}\.0\.{block}\.(\d+)\.")
+            return layout, levels, count_indexed(keys, rf"{q}encoder\.{level}\.0\.{block}\.(\d+)\.")
     raise _not_a_vae(ckpt)
 
 
@@ -321,59 +315,3 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         plan[name] = Source((key(name),), "as_conv1x1" if conv1x1 else "copy")
     log.info("loading Flux VAE from %s (%s layout%s)", path, layout, f", prefix '{prefix}'" if prefix else "")
     return load_plan(model, plan, ckpt, what="Flux VAE", device=device, dtype=dtype)
-
-
-# ---------------------------------------------------------------- tiny random checkpoints for tests
-def tiny_state_dict(seed: int = 0, cfg: VAEConfig | None = None) -> dict[str, torch.Tensor]:
-    """Deterministic random weights with BFL names, scaled so that activations stay O(1) through the network."""
-    with torch.device("meta"):
-        model = AutoEncoder(cfg or VAEConfig.tiny())
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, p in model.named_parameters():
-        t = torch.randn(p.shape, generator=gen)
-        if p.dim() == 4:  # conv: unit-variance outputs for unit-variance inputs
-            t /= math.sqrt(p[0].numel())
-        elif ".norm" in name and name.endswith(".weight"):
-            t = 1.0 + 0.1 * t
-        else:
-            t *= 0.05
-        sd[name] = t.contiguous()
-    return sd
-
-
-def _save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={"format": "pt", **metadata})
-    return path
-
-
-def write_tiny_vae(path: Path, seed: int = 0) -> Path:
-    """A random VAEConfig.tiny() in the layout of BFL's ae.safetensors (fp32)."""
-    return _save(tiny_state_dict(seed), Path(path), {"kontext_tiny": "vae", "layout": "bfl", "seed": str(seed)})
-
-
-def write_tiny_vae_diffusers(folder: Path, seed: int = 0) -> Path:
-    """The same weights as write_tiny_vae(seed) as a diffusers `vae/` folder (config.json + safetensors)."""
-    cfg, folder = VAEConfig.tiny(), Path(folder)
-    levels = len(cfg.ch_mult)
-    sd = {}
-    for name, t in tiny_state_dict(seed, cfg).items():
-        if ".attn_1." in name and t.dim() == 4:
-            t = t.reshape(t.shape[0], t.shape[1])  # diffusers' attention projections are nn.Linear
-        sd[diffusers_name(name, levels)] = t
-    _save(sd, folder / "diffusion_pytorch_model.safetensors",
-          {"kontext_tiny": "vae", "layout": "diffusers", "seed": str(seed)})
-    config = {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "act_fn": "silu",
-        "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
-        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "in_channels": cfg.in_channels, "out_channels": cfg.out_ch, "latent_channels": cfg.z_channels,
-        "norm_num_groups": 32, "sample_size": 1024, "scaling_factor": cfg.scale_factor,
-        "shift_factor": cfg.shift_factor, "latents_mean": None, "latents_std": None, "force_upcast": True,
-        "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True,
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder

@@ -27,9 +27,8 @@ def theirs(tiny_models, tmp_path_factory):
     from test_dit import to_diffusers
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from kontext.text.clip import write_tiny_clip_l_diffusers
-    from kontext.text.t5 import write_tiny_t5xxl_diffusers
-    from kontext.vae import write_tiny_vae_diffusers
+    from kontext.tiny.text import write_tiny_clip_l_diffusers, write_tiny_t5xxl_diffusers
+    from kontext.tiny.vae import write_tiny_vae_diffusers
 
     tmp = tmp_path_factory.mktemp("diffusers")
     c = kontext.FluxConfig.tiny()

@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from kontext.errors import CheckpointError, InputError
 from kontext.text import clip, t5
+from kontext.tiny.text import (tiny_clip_state, tiny_t5_state, write_tiny_clip_l, write_tiny_clip_l_diffusers,
+                                write_tiny_t5xxl, write_tiny_t5xxl_diffusers, write_tiny_t5xxl_fp8_scaled)
 from kontext.weights.checkpoint import Checkpoint, TensorInfo
 from kontext.weights.loading import check_plan
 
@@ -47,15 +49,15 @@ def clip_ids(length: int = 77) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("clip")
-    f = clip.write_tiny_clip_l(d / "clip_l.safetensors")
+    f = write_tiny_clip_l(d / "clip_l.safetensors")
     rewrite(f, d / "bare.safetensors", lambda sd: {k.removeprefix("text_model."): v for k, v in sd.items()})
 
     def extras(sd):
         return {**sd, "text_projection.weight": torch.randn(768, 64).half(), "logit_scale": torch.tensor(4.6),
                 "text_model.embeddings.position_ids": torch.arange(77)[None]}
     rewrite(f, d / "extras.safetensors", extras)
-    clip.write_tiny_clip_l_diffusers(d / "repo" / "text_encoder")
-    clip.write_tiny_clip_l(d / "repo" / "decoy.safetensors", seed=5)  # a repo root also holds other files
+    write_tiny_clip_l_diffusers(d / "repo" / "text_encoder")
+    write_tiny_clip_l(d / "repo" / "decoy.safetensors", seed=5)  # a repo root also holds other files
     return d
 
 
@@ -64,7 +66,7 @@ def hf_clip(eos_token_id: int):
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")} | {"eos_token_id": eos_token_id}
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg)).eval()
     # transformers 5 names CLIPTextModel's parameters without 'text_model.' (it maps the prefix away on load).
-    sd = {k.removeprefix("text_model."): v.half().float() for k, v in clip.tiny_clip_state(0).items()}
+    sd = {k.removeprefix("text_model."): v.half().float() for k, v in tiny_clip_state(0).items()}
     ref.load_state_dict(sd, strict=True)
     return ref
 
@@ -120,16 +122,16 @@ def t5_ids(length: int = 200) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("t5")
-    f = t5.write_tiny_t5xxl(d / "t5xxl.safetensors")
+    f = write_tiny_t5xxl(d / "t5xxl.safetensors")
 
     def embed_tokens_only(sd):
         sd["encoder.embed_tokens.weight"] = sd.pop("shared.weight")
         return sd
     rewrite(f, d / "embed_tokens.safetensors", embed_tokens_only)
     rewrite(f, d / "both.safetensors", lambda sd: {**sd, "encoder.embed_tokens.weight": sd["shared.weight"].clone()})
-    t5.write_tiny_t5xxl_fp8_scaled(d / "t5xxl_fp8_e4m3fn_scaled.safetensors")
-    t5.write_tiny_t5xxl_diffusers(d / "repo" / "text_encoder_2")
-    t5.write_tiny_t5xxl(d / "repo" / "decoy.safetensors", seed=5)
+    write_tiny_t5xxl_fp8_scaled(d / "t5xxl_fp8_e4m3fn_scaled.safetensors")
+    write_tiny_t5xxl_diffusers(d / "repo" / "text_encoder_2")
+    write_tiny_t5xxl(d / "repo" / "decoy.safetensors", seed=5)
     return d
 
 
@@ -160,7 +162,7 @@ def dequantised(path: Path) -> dict[str, torch.Tensor]:
 def test_t5_parity(t5_dir, layout, length):
     model = t5.load_t5xxl(t5_dir / layout)
     fp8 = "fp8" in layout
-    sd = dequantised(t5_dir / layout) if fp8 else {k: v.half().float() for k, v in t5.tiny_t5_state(0).items()}
+    sd = dequantised(t5_dir / layout) if fp8 else {k: v.half().float() for k, v in tiny_t5_state(0).items()}
     ids = t5_ids(length)
     with torch.no_grad():
         out = model(ids)
@@ -171,7 +173,7 @@ def test_t5_parity(t5_dir, layout, length):
     if fp8:  # really the quantised weights, scaled back: close to but not equal to the fp16 ones
         q = model.encoder.block[1].layer[1].DenseReluDense.wo.weight
         assert torch.equal(q, sd["encoder.block.1.layer.1.DenseReluDense.wo.weight"])
-        w16 = t5.tiny_t5_state(0)["encoder.block.1.layer.1.DenseReluDense.wo.weight"].half().float()
+        w16 = tiny_t5_state(0)["encoder.block.1.layer.1.DenseReluDense.wo.weight"].half().float()
         assert 0 < rel_err(q, w16) < 0.1
         assert model.shared.weight.dtype == torch.float32
 
@@ -296,7 +298,7 @@ BAD = {
     "vae": lambda d: fake(d / "ae.safetensors", {"decoder.conv_in.weight": (4, 4, 3, 3),
                                                  "encoder.conv_in.weight": (4, 3, 3, 3)}),
     "truncated": lambda d: (d / "trunc.safetensors").write_bytes(
-        t5.write_tiny_t5xxl(d / "full.safetensors").read_bytes()[:5000]) and d / "trunc.safetensors",
+        write_tiny_t5xxl(d / "full.safetensors").read_bytes()[:5000]) and d / "trunc.safetensors",
     "random": lambda d: (d / "random.safetensors").write_bytes(torch.randint(0, 256, (4096,),
                          generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
     and d / "random.safetensors",

@@ -12,8 +12,8 @@ import torch
 
 import kontext
 from kontext.errors import CheckpointError, InputError
-from kontext.text.tiny_tokenizers import CLIP_BOS_ID, CLIP_EOS_ID, write_tiny_tokenizers
 from kontext.text.tokenizers import ENV_VAR, PACKAGED, load_tokenizers
+from kontext.tiny.tokenizers import CLIP_BOS_ID, CLIP_EOS_ID, write_tiny_tokenizers
 
 transformers = pytest.importorskip("transformers")
 
@@ -232,8 +232,8 @@ def test_damaged_t5_normalizer_is_a_clear_error(tmp_path, normalizer):
     import json as _json
 
     from kontext.errors import KontextError
-    from kontext.text.tiny_tokenizers import write_tiny_tokenizers
     from kontext.text.tokenizers import load_t5_tokenizer
+    from kontext.tiny.tokenizers import write_tiny_tokenizers
 
     folder = write_tiny_tokenizers(tmp_path) / "t5xxl"
     spec = _json.loads((folder / "tokenizer.json").read_text())

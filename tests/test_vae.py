@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kontext.errors import CheckpointError, InputError
-from kontext.vae import (SCALE, SHIFT, AutoEncoder, VAEConfig, load_vae, tiny_state_dict, write_tiny_vae,
-                         write_tiny_vae_diffusers)
+from kontext.tiny.vae import tiny_state_dict, write_tiny_vae, write_tiny_vae_diffusers
+from kontext.vae import SCALE, SHIFT, AutoEncoder, VAEConfig, load_vae
 
 # fp32 on CPU, same weights, same op order up to conv/SDPA kernel choice: differences are rounding only (~1e-7).
 RTOL = 1e-5
@@ -210,7 +210,8 @@ def test_bad_files_raise_checkpoint_error(files, tmp_path, case):
 
 
 def test_tiled_decode_equals_whole_decode_when_one_tile_covers_it_and_blends_otherwise():
-    from kontext.vae import AutoEncoder, VAEConfig, tiny_state_dict
+    from kontext.tiny.vae import tiny_state_dict
+    from kontext.vae import AutoEncoder, VAEConfig
     from kontext.vae_tiling import decode_tiled
 
     vae = AutoEncoder(VAEConfig.tiny())
@@ -225,7 +226,8 @@ def test_tiled_decode_equals_whole_decode_when_one_tile_covers_it_and_blends_oth
 
 
 def test_out_of_memory_falls_back_to_tiles(monkeypatch, caplog):
-    from kontext.vae import AutoEncoder, VAEConfig, tiny_state_dict
+    from kontext.tiny.vae import tiny_state_dict
+    from kontext.vae import AutoEncoder, VAEConfig
     from kontext.vae_tiling import decode_or_tiled
 
     vae = AutoEncoder(VAEConfig.tiny())

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..weights.checkpoint import Checkpoint, resolve_model_path
+from ..weights.checkpoint import Checkpoint, count_indexed, resolve_model_path
 from ..weights.identify import describe
 from ..weights.loading import Plan, Source, load_plan
 
@@ -180,11 +179,6 @@ def hf_config(ckpt: Checkpoint) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def count_layers(keys: list[str], pattern: str) -> int:
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
 # ---- loading ----
 
 CLIP_EXPECTED = "clip_l.safetensors (transformers CLIPTextModel layout) or a diffusers text_encoder/ folder"
@@ -204,7 +198,7 @@ def clip_config_and_plan(ckpt: Checkpoint) -> tuple[CLIPConfig, Plan]:
     heads = int(hf.get("num_attention_heads", max(1, hidden // 64)))
     eos = int(hf.get("eos_token_id", 2))
     cfg = CLIPConfig(vocab_size=vocab, hidden=hidden, heads=heads, intermediate=ckpt.dims(fc1, 2)[0],
-                     layers=count_layers(ckpt.weight_keys(), re.escape(p) + r"encoder\.layers\.(\d+)\."),
+                     layers=count_indexed(ckpt.weight_keys(), re.escape(p) + r"encoder\.layers\.(\d+)\."),
                      positions=ckpt.dims(pos, 2)[0], act=str(hf.get("hidden_act", "quick_gelu")),
                      eps=float(hf.get("layer_norm_eps", 1e-5)),
                      eos_id=eos if eos != 2 else vocab - 1)  # legacy eos 2 means "the largest id": <|endoftext|>
@@ -228,46 +222,3 @@ def load_clip_l(path: str | Path, device: torch.device | str = "cpu", dtype: tor
         model = CLIPText(cfg)
     log.info("loading CLIP text encoder (%d layers, width %d) from %s", cfg.layers, cfg.hidden, ckpt.path)
     return load_plan(model, plan, ckpt, what="CLIP-L text encoder", device=device, dtype=dtype)
-
-
-# ---- tiny random models in the release layouts ----
-
-def tiny_clip_state(seed: int = 0, cfg: CLIPConfig | None = None) -> dict[str, torch.Tensor]:
-    """Random fp32 weights under the release names: small embeddings, fan-in scaled linears, norms near 1."""
-    cfg = cfg or CLIPConfig.tiny()
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        params = dict(CLIPText(cfg).named_parameters())
-    out = {}
-    for name, p in params.items():
-        r = torch.randn(p.shape, generator=g)
-        if "embedding" in name:
-            t = r * 0.02
-        elif "norm" in name:
-            t = 1 + 0.05 * r if name.endswith("weight") else 0.02 * r
-        else:
-            t = r * p.shape[1] ** -0.5 if p.dim() == 2 else 0.02 * r
-        out[name] = t
-    return out
-
-
-def write_tiny_clip_l(path: str | Path, seed: int = 0) -> Path:
-    """A random tiny CLIP-L in the layout of clip_l.safetensors (fp16, real vocabulary size)."""
-    cfg = CLIPConfig.tiny()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.half().contiguous() for k, v in tiny_clip_state(seed, cfg).items()}
-    # The head count is not visible in the shapes of a 64-wide model: carry it like a config.json would.
-    save_file(sd, str(path), metadata={"config": json.dumps(cfg.hf_config())})
-    return path
-
-
-def write_tiny_clip_l_diffusers(folder: str | Path, seed: int = 0) -> Path:
-    """The same tiny CLIP-L as a diffusers `text_encoder/` folder (config.json + model.safetensors)."""
-    cfg = CLIPConfig.tiny()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg.hf_config(), indent=2))
-    save_file({k: v.half().contiguous() for k, v in tiny_clip_state(seed, cfg).items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    return folder

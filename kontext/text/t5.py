@@ -7,7 +7,6 @@ Unlike most transformers, T5 does not scale its attention scores by 1/sqrt(d): t
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -16,14 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..weights.checkpoint import Checkpoint
+from ..weights.checkpoint import Checkpoint, count_indexed, resolve_model_path
 from ..weights.loading import Plan, Source, load_plan
-from ..weights.checkpoint import resolve_model_path
-from .clip import check_ids, count_layers, find_prefix, hf_config
+from .clip import check_ids, find_prefix, hf_config
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +215,7 @@ def t5_config_and_plan(ckpt: Checkpoint) -> tuple[T5Config, Plan]:
     hf = hf_config(ckpt)
     cfg = T5Config(vocab_size=ckpt.dims(emb, 2)[0], d_model=d_model, d_kv=inner // heads, heads=heads,
                    d_ff=ckpt.dims(wi_0, 2)[0], buckets=buckets,
-                   layers=count_layers(ckpt.weight_keys(), re.escape(p) + r"encoder\.block\.(\d+)\."),
+                   layers=count_indexed(ckpt.weight_keys(), re.escape(p) + r"encoder\.block\.(\d+)\."),
                    max_distance=int(hf.get("relative_attention_max_distance", 128)),
                    eps=float(hf.get("layer_norm_epsilon", 1e-6)))
     with torch.device("meta"):
@@ -239,69 +236,3 @@ def load_t5xxl(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     log.info("loading T5 encoder (%d layers, width %d%s) from %s", cfg.layers, cfg.d_model,
              ", fp8 scaled" if ckpt.is_quantized else "", ckpt.path)
     return load_plan(model, plan, ckpt, what="T5-XXL encoder", device=device, dtype=dtype)
-
-
-# ---- tiny random models in the release layouts ----
-
-def tiny_t5_state(seed: int = 0, cfg: T5Config | None = None) -> dict[str, torch.Tensor]:
-    """Random fp32 weights under the release names, with T5's own init scales (unit embeddings, fan-in linears)."""
-    cfg = cfg or T5Config.tiny()
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        params = dict(T5Encoder(cfg).named_parameters())
-    std = {"q": (cfg.d_model * cfg.d_kv) ** -0.5, "k": cfg.d_model ** -0.5, "v": cfg.d_model ** -0.5,
-           "o": (cfg.heads * cfg.d_kv) ** -0.5, "wi_0": cfg.d_model ** -0.5, "wi_1": cfg.d_model ** -0.5,
-           "wo": cfg.d_ff ** -0.5, "shared": 1.0, "relative_attention_bias": 0.5}
-    out = {}
-    for name, p in params.items():
-        r = torch.randn(p.shape, generator=g)
-        out[name] = 1 + 0.05 * r if "layer_norm" in name else r * std[name.split(".")[-2]]
-    return out
-
-
-def _save_tiny(sd: dict[str, torch.Tensor], path: Path, cfg: T5Config) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"config": json.dumps(cfg.hf_config())})
-    return path
-
-
-def write_tiny_t5xxl(path: str | Path, seed: int = 0) -> Path:
-    """A random tiny T5 in the layout of t5xxl_fp16.safetensors (fp16, `shared.weight` only, real vocabulary)."""
-    cfg = T5Config.tiny()
-    return _save_tiny({k: v.half() for k, v in tiny_t5_state(seed, cfg).items()}, Path(path), cfg)
-
-
-def write_tiny_t5xxl_fp8_scaled(path: str | Path, seed: int = 0) -> Path:
-    """The same tiny T5 in ComfyUI's fp8_scaled layout: e4m3fn linear weights with an fp32 `scale_weight` each,
-    a `scaled_fp8` marker, norms, bias table and embedding in fp16."""
-    cfg = T5Config.tiny()
-    sd: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-    for name, t in tiny_t5_state(seed, cfg).items():
-        t = t.half().float()
-        if name.startswith("encoder.block.") and t.dim() == 2 and "relative_attention_bias" not in name:
-            scale = t.abs().max() / torch.finfo(torch.float8_e4m3fn).max
-            sd[name] = (t / scale).to(torch.float8_e4m3fn)
-            sd[name.removesuffix("weight") + "scale_weight"] = scale.float()
-        else:
-            sd[name] = t.half()
-    return _save_tiny(sd, Path(path), cfg)
-
-
-def write_tiny_t5xxl_diffusers(folder: str | Path, seed: int = 0, shards: int = 2) -> Path:
-    """The same tiny T5 as a diffusers `text_encoder_2/` folder: config.json, fp16 shards and their index."""
-    cfg = T5Config.tiny()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(cfg.hf_config(), indent=2))
-    items = [(k, v.half().contiguous()) for k, v in tiny_t5_state(seed, cfg).items()]
-    weight_map: dict[str, str] = {}
-    per = math.ceil(len(items) / shards)
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = dict(items[i * per:(i + 1) * per])
-        save_file(part, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    total = sum(v.numel() * v.element_size() for _, v in items)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return folder

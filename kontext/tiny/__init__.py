@@ -1,22 +1,19 @@
 """`make-tiny`: random tiny models written in exactly the key layouts of the real release files.
 
-Tests and the `--tiny` smoke run use them in place of the 24 GB originals. Each DiT weight matrix is drawn so that it
-is exactly representable as fp8 (e4m3) times a power-of-two scale, so the bf16 file, the fp8_scaled file and the
-diffusers folder hold bit-identical weights and every layout can be compared with the others exactly.
+Tests and the `--tiny` smoke run use them in place of the 24 GB originals. The writers live in the submodules `dit`,
+`vae`, `text` (CLIP-L and T5-XXL) and `tokenizers`, all writing through `io`; they import the model modules, never
+the reverse. This module names the files and imports the writers on use, so that reading a name (kontext.files) is
+cheap.
 """
 from __future__ import annotations
 
-import json
+import importlib
 import logging
-import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
-
-from .config import FluxConfig
-from .dit import FluxDiT
-from .flux_keys import diffusers_plan, split_sizes
+if TYPE_CHECKING:
+    from .dit import diffusers_state, fp8_representable, tiny_dit_state, write_tiny_dit
 
 log = logging.getLogger(__name__)
 
@@ -28,117 +25,27 @@ CLIP_NAME = "clip_l-tiny.safetensors"
 T5_NAME = "t5xxl-tiny.safetensors"
 COMFY_PREFIX = "model.diffusion_model."
 
-
-def fp8_representable(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w8 in float8_e4m3fn, power-of-two fp32 scale) with w8.float() * scale as close to w as fp8 allows."""
-    scale = 2.0 ** math.ceil(math.log2(max(w.abs().max().item(), 1e-12) / 448.0))
-    return (w / scale).to(torch.float8_e4m3fn), torch.tensor(scale, dtype=torch.float32)
+_EXPORTS = {"write_tiny_dit": "dit", "diffusers_state": "dit", "fp8_representable": "dit", "tiny_dit_state": "dit"}
+__all__ = ["make_tiny", "DIT_NAME", "DIT_FP8_NAME", "DIT_DIFFUSERS_NAME", "VAE_NAME", "CLIP_NAME", "T5_NAME",
+           "COMFY_PREFIX", *_EXPORTS]
 
 
-def tiny_dit_state(config: FluxConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random bf16 weights for FluxDiT(config) with activations of a sane size (1/sqrt(fan_in) init)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        names = [(n, p.shape) for n, p in FluxDiT(config).named_parameters()]
-    state = {}
-    for name, shape in names:
-        if name.endswith(".scale"):  # RMSNorm gains around 1
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith(".bias"):
-            t = 0.02 * torch.randn(shape, generator=g)
-        else:
-            t = torch.randn(shape, generator=g) / math.sqrt(shape[1])
-            w8, scale = fp8_representable(t)
-            t = w8.float() * scale
-        state[name] = t.to(torch.bfloat16)
-    return state
-
-
-def fp8_scaled_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8_scaled layout: prefixed keys, fp8 matrices with `scale_weight`, a `scaled_fp8` marker."""
-    # The marker sits under the model prefix, as in ComfyUI's own files (it looks up f"{prefix}scaled_fp8").
-    out: dict[str, torch.Tensor] = {COMFY_PREFIX + "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
-    for name, t in state.items():
-        if t.dim() == 2:
-            w8, scale = fp8_representable(t.float())
-            stem = name[: -len(".weight")]
-            out[COMFY_PREFIX + name] = w8
-            out[COMFY_PREFIX + stem + ".scale_weight"] = scale
-            out[COMFY_PREFIX + stem + ".scale_input"] = torch.tensor(1.0)
-        else:
-            out[COMFY_PREFIX + name] = t
-    return out
-
-
-def diffusers_state(state: dict[str, torch.Tensor], config: FluxConfig) -> dict[str, torch.Tensor]:
-    """The same weights under diffusers' names (the inverse of the loader's key map)."""
-    out = {}
-    for ours, src in diffusers_plan(config, "").items():
-        t = state[ours]
-        if src.op == "cat":
-            parts = t.split(split_sizes(config, len(src.keys), t.shape[0]), dim=0)
-            out.update({k: p.contiguous() for k, p in zip(src.keys, parts)})
-        elif src.op == "swap_halves":
-            a, b = t.chunk(2, dim=0)
-            out[src.keys[0]] = torch.cat([b, a]).contiguous()
-        else:
-            out[src.keys[0]] = t
-    return out
-
-
-def diffusers_config(config: FluxConfig) -> dict:
-    return {"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.34.0", "patch_size": 1,
-            "in_channels": config.in_channels, "out_channels": None, "num_layers": config.depth,
-            "num_single_layers": config.depth_single_blocks, "attention_head_dim": config.head_dim,
-            "num_attention_heads": config.num_heads, "joint_attention_dim": config.context_in_dim,
-            "pooled_projection_dim": config.vec_in_dim, "guidance_embeds": config.guidance_embed,
-            "axes_dims_rope": list(config.axes_dim)}
-
-
-def save_sharded(state: dict[str, torch.Tensor], folder: Path, stem: str = "diffusion_pytorch_model",
-                 shards: int = 2) -> None:
-    """Write `state` as `shards` safetensors files plus the index json, as diffusers' save_pretrained does."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = list(state)
-    per = math.ceil(len(keys) / shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
-        save_file(part, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / f"{stem}.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-def write_tiny_dit(models: Path, seed: int = 0, config: FluxConfig | None = None) -> dict[str, Path]:
-    """The tiny DiT in the three release layouts under `models/diffusion_models/`."""
-    config = config or FluxConfig.tiny()
-    folder = models / "diffusion_models"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = tiny_dit_state(config, seed)
-    meta = {"format": "pt", "kontext_config": config.to_json()}
-    paths = {"dit": folder / DIT_NAME, "dit_fp8": folder / DIT_FP8_NAME, "dit_diffusers": folder / DIT_DIFFUSERS_NAME}
-    save_file(state, str(paths["dit"]), metadata=meta)
-    save_file(fp8_scaled_state(state), str(paths["dit_fp8"]), metadata=meta)
-    save_sharded(diffusers_state(state, config), paths["dit_diffusers"])
-    (paths["dit_diffusers"] / "config.json").write_text(json.dumps(diffusers_config(config), indent=2))
-    return paths
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model into `out_dir` laid out like ComfyUI's `models/` folder; returns the paths by role."""
-    models = Path(out_dir)
-    models.mkdir(parents=True, exist_ok=True)
-    from .text.clip import write_tiny_clip_l
-    from .text.t5 import write_tiny_t5xxl
-    from .text.tiny_tokenizers import write_tiny_tokenizers
+    from .dit import write_tiny_dit
+    from .text import write_tiny_clip_l, write_tiny_t5xxl
+    from .tokenizers import write_tiny_tokenizers
     from .vae import write_tiny_vae
 
+    models = Path(out_dir)
+    models.mkdir(parents=True, exist_ok=True)
     paths = write_tiny_dit(models, seed)
-    for folder in ("vae", "text_encoders"):
-        (models / folder).mkdir(exist_ok=True)
     paths["vae"] = write_tiny_vae(models / "vae" / VAE_NAME, seed)
     paths["clip_l"] = write_tiny_clip_l(models / "text_encoders" / CLIP_NAME, seed)
     paths["t5xxl"] = write_tiny_t5xxl(models / "text_encoders" / T5_NAME, seed)

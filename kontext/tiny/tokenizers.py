@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE, Unigram
 
-from kontext.text.tokenizers import CLIP_DEFAULTS, T5_DEFAULTS, clip_pipeline, t5_pipeline
+from ..text.tokenizers import CLIP_DEFAULTS, T5_DEFAULTS, clip_pipeline, t5_pipeline
 
 CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407  # the real file's ids: the tiny CLIP model pools at id 49407
 CLIP_MERGES = 1500  # merges to learn; the corpus runs out of frequent pairs well before this

@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,14 @@ def _entry(path: Path, name: str, entry: object) -> tuple[str, tuple[int, ...], 
         raise CheckpointError(path, f"tensor '{name}' has unsupported dtype {entry['dtype']}",
                               "one of " + ", ".join(DTYPES))
     return entry["dtype"], tuple(entry["shape"]), offsets[0], offsets[1]
+
+
+def count_indexed(keys: list[str], pattern: str) -> int:
+    r"""1 + the largest N in the keys that `pattern` (with one `(\d+)` group) matches at their start, else 0.
+
+    How many blocks or layers a checkpoint holds, e.g. count_indexed(keys, r"encoder\.block\.(\d+)\.").
+    """
+    return 1 + max((int(m[1]) for k in keys if (m := re.match(pattern, k))), default=-1)
 
 
 def shard_files(folder: Path) -> list[Path]:
