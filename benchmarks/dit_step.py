@@ -3,25 +3,24 @@
     python benchmarks/dit_step.py [--size tiny|medium|full] [--device cuda] [--dtype bf16] [--res 1024] [--repeat 5]
 
 Both models get the same random weights (ours converted to diffusers' names) and the same inputs: a target of
-res x res pixels, one reference of the same size, 512 text tokens. Reports median milliseconds per call and the ratio
-diffusers / ours (> 1 means we are faster). `full` needs a GPU with room for two 12B models in bf16 (about 48 GB).
-On CUDA the timings synchronise and use warm-up calls; see METHOD notes in benchmarks/RESULTS.md.
+res x res pixels, one reference of the same size, 512 text tokens. Reports median milliseconds per call, the ratio
+diffusers / ours (> 1 means we are faster) and how far the two outputs differ (they compute the same function, so
+rounding only). Both models are built directly in the timed dtype on the device; `full` needs a GPU with room for
+two 12B models in bf16 (about 48 GB). On CUDA the timings synchronise and use warm-up calls.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from kontext.config import FluxConfig  # noqa: E402
-from kontext.dit import FluxDiT  # noqa: E402
-from kontext.ids import image_ids, text_ids  # noqa: E402
+from kontext.config import FluxConfig
+from kontext.dit import FluxDiT
+from kontext.ids import image_ids, text_ids
 
 SIZES = {
     "tiny": FluxConfig.tiny(),
@@ -32,23 +31,38 @@ SIZES = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build diffusers' model directly in `dtype`: a 12B model made in fp32 first would need 48 GB more."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def build(cfg: FluxConfig, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):  # random weights made where they run: a 12B model never visits host RAM
-        ours = FluxDiT(cfg).to(dtype=dtype).eval()
+        ours = FluxDiT(cfg, dtype=dtype).to(dtype).eval()  # compute dtype stated, dense weights in it too
     for p in ours.parameters():
         p.data.normal_(0, 0.02)
     try:
         from diffusers import FluxTransformer2DModel
-        from test_dit import to_diffusers
-    except ImportError:  # no peer to compare with here: time ours alone
+    except Exception as exc:  # no peer to compare with here (not installed, or it fails to import): ours alone
+        print(f"diffusers not available ({type(exc).__name__}: {exc}); timing ours alone")
         return ours, None
-    theirs = FluxTransformer2DModel(
-        patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth, num_single_layers=cfg.depth_single_blocks,
-        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
-        pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim)
-    theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg.hidden_size))
-    return ours, theirs.to(device=device, dtype=dtype).eval()
+    from kontext.tiny import diffusers_state
+
+    with torch.device(device), default_dtype(dtype):
+        theirs = FluxTransformer2DModel(
+            patch_size=1, in_channels=cfg.in_channels, num_layers=cfg.depth,
+            num_single_layers=cfg.depth_single_blocks, attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_in_dim,
+            pooled_projection_dim=cfg.vec_in_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=cfg.axes_dim)
+    theirs.load_state_dict(diffusers_state(ours.state_dict(), cfg))  # copied into its params: dtype kept
+    return ours, theirs.eval()
 
 
 def timed(fn, repeat: int, device: str) -> float:
@@ -90,10 +104,15 @@ def main() -> None:
     if theirs is None:
         print(f"{args.size} {args.dtype} on {args.device}: ours {a:.1f} ms per step (diffusers not installed)")
         return
-    b = timed(lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-                             img_ids=ids[0], txt_ids=tids[0], guidance=g, return_dict=False), args.repeat, args.device)
+    peer = lambda: theirs(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
+                          img_ids=ids[0], txt_ids=tids[0], guidance=g, return_dict=False)[0]
+    b = timed(peer, args.repeat, args.device)
+    # The same function on the same weights, or the ratio compares two different computations.
+    mine, other = ours(img, ids, txt, tids, t, y, g).float(), peer().float()
+    diff = float((mine - other).norm() / other.norm())
     print(f"{args.size} {args.dtype} on {args.device}, {args.res}px target + reference + 512 text tokens: "
-          f"ours {a:.1f} ms, diffusers {b:.1f} ms, ratio diffusers/ours {b / a:.2f}")
+          f"ours {a:.1f} ms, diffusers {b:.1f} ms, ratio diffusers/ours {b / a:.2f}; outputs differ by {diff:.1e} "
+          f"(relative)")
 
 
 if __name__ == "__main__":
