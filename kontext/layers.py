@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
-from .ops import CastAtUse, make_linear
+from .ops import make_linear
 from .rope import Positions
 
 
@@ -33,17 +33,17 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-class RMSNorm(CastAtUse, nn.Module):
+class RMSNorm(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
-        self._init_cast()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 sums of squares lose too much), then scale in the input dtype.
+        # Normalise in fp32 (bf16 sums of squares lose too much), then scale in the input dtype. The scale is
+        # brought to the input (a memory manager may have left it in RAM): it has no host protocol, being tiny.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return xf.to(x.dtype) * self.cast_weight(self.scale, x)
+        return xf.to(x.dtype) * self.scale.to(device=x.device, dtype=x.dtype)
 
 
 class QKNorm(nn.Module):

@@ -44,7 +44,8 @@ class CastAtUse:
         self.bias_function: list = []
 
     def cast_weight(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        w = w.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        # A copy when functions follow: they may work in place, and must never change the stored weight.
+        w = w.to(device=x.device, dtype=x.dtype, non_blocking=True, copy=bool(self.weight_function))
         for f in self.weight_function:
             w = f(w)
         return w
@@ -52,7 +53,7 @@ class CastAtUse:
     def cast_bias(self, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         if b is None:
             return None
-        b = b.to(device=x.device, dtype=x.dtype, non_blocking=True)
+        b = b.to(device=x.device, dtype=x.dtype, non_blocking=True, copy=bool(self.bias_function))
         for f in self.bias_function:
             b = f(b)
         return b

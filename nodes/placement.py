@@ -1,14 +1,17 @@
 """Where our models live and run, and how they share the GPU with ComfyUI's own models.
 
-Policies (the loaders' `device` input):
+The DiT is a ComfyUI MODEL (see model.py, `model_for`): ComfyUI's memory manager places it like its own Flux,
+loading it partially when the GPU is smaller than the weights. The text encoders and the VAE follow a policy
+(the loaders' `device` input):
 - "auto": inside ComfyUI the model is handed to ComfyUI's memory manager (wrapped in its ModelPatcher): loading it
   unloads ComfyUI's models when the GPU needs the room, ComfyUI may move ours back to RAM when its own models need
   the room, and "Unload models" / "Free memory" release it like any core model. Outside ComfyUI: CUDA when present.
-- "offload": kept in RAM, moved to the GPU only while a node runs, then moved back (least VRAM, slower).
+- "offload": kept in RAM, moved to the GPU only while a node runs, then moved back (least VRAM, slower); for the
+  DiT: RAM is its offload device.
 - "cpu": loaded and run on the CPU (slow; for machines without a GPU and for tests).
 
-The engine's models expose read-only `device`/`dtype` properties, and ComfyUI's ModelPatcher writes attributes such
-as `.device` onto the module it manages, so the patcher gets a plain container module holding ours.
+ComfyUI's ModelPatcher writes attributes such as `.device` onto the module it manages, so for the text encoders and
+the VAE the patcher gets a plain container module holding ours.
 """
 from __future__ import annotations
 

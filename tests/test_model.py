@@ -117,3 +117,19 @@ def test_block_patches_and_controlnet_residuals_as_comfyui_applies_them(dit):
         want = Denoiser(dit, (7, 10))(io["x"], io["t"], io["txt"], io["y"], io["g"], ByHand())
         plain = model(io["x"], io["t"], io["txt"], y=io["y"], guidance=io["g"])
     assert rel_err(got, want) <= 1e-6 and rel_err(got, plain) > 1e-3
+
+
+def test_run_time_weight_functions_never_change_the_stored_weights(tiny_models):
+    """ComfyUI's LoRA functions may add in place (comfy.lora.calculate_weight does): each call must start from the
+    stored weight, dense or fp8, so a LoRA is applied once per call and never accumulates."""
+    for path in (tiny_models["dit"], tiny_models["dit_fp8"]):
+        layer = kontext.load_dit(path).double_blocks[0].img_attn.qkv
+        before = layer.weight.clone()
+        layer.weight_function = [lambda w: w.add_(1.0)]
+        x = torch.randn(2, 128)
+        with torch.no_grad():
+            first, second = layer(x), layer(x)
+        assert torch.equal(first, second) and torch.equal(layer.weight.view(torch.uint8), before.view(torch.uint8))
+        layer.weight_function = []
+        with torch.no_grad():
+            assert not torch.allclose(layer(x), first)  # the function did change the result
