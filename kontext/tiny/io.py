@@ -1,12 +1,16 @@
-"""Writing the tiny models' tensors: one safetensors file, or a folder of shards with their index json."""
+"""Writing the tiny models' tensors: one safetensors file, or a folder of shards with their index json.
+
+Files come out the same byte for byte on every run: safetensors writes its metadata in hash-map order, which changes
+from process to process, so the header is rewritten with the metadata keys sorted.
+"""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import save_file
 
 PT = {"format": "pt"}  # the metadata torch-side writers (save_pretrained) put in every file
 
@@ -15,8 +19,20 @@ def save(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, s
     """Write `state` to the safetensors file `path` (its folder created), with `metadata` (else PT); returns path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in state.items()}, str(path), metadata=PT if metadata is None else metadata)
+    data = safetensors.torch.save({k: t.contiguous() for k, t in state.items()}, PT if metadata is None else metadata)
+    path.write_bytes(_sorted_metadata(data))
     return path
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """A safetensors file's bytes with the `__metadata__` entries of its header in key order (tensors untouched)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data that follows starts 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: str | Path, stem: str = "diffusion_pytorch_model",
