@@ -1,5 +1,6 @@
 """The pack inside a real ComfyUI server: import, every API workflow over HTTP, the queue command, bad input, cancel,
-model caching and release, and memory over 20 queued edits.
+model caching and release, memory over 20 queued edits, and our MODEL under ComfyUI's own KSampler, LoRA loader and
+ModelSamplingFlux.
 
 Needs a ComfyUI checkout with its own Python environment (CPU is enough); tests/comfyui_env.sh builds one:
     tests/comfyui_env.sh /tmp/comfyui          # ComfyUI v0.8.0 from GitHub, or: DEST SOURCE_GIT_DIR_OR_URL REV
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import kontext
-from kontext.comfy_queue import Server, WebSocket, execution_error
+from kontext.comfy_queue import Server, WebSocket, execution_error, ui_to_api
 from kontext.references import preferred_size
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -98,14 +101,15 @@ def comfy(tmp_path_factory) -> Comfy:
         (models / link).symlink_to(target)
     (work / "mount").mkdir()
     (work / "mount" / "comfyui-kontext").symlink_to(ROOT)  # the pack, as it would sit in custom_nodes/
-    for sub in ("base/custom_nodes", "base/input", "base/output"):
+    for sub in ("base/custom_nodes", "base/input", "base/output", "models/loras"):
         (work / sub).mkdir(parents=True)
     for name, size in IMAGES.items():
         rng = np.random.default_rng(len(name))
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(work / name)
     yaml = work / "extra_model_paths.yaml"
     yaml.write_text(f"kontext_tests:\n  base_path: {work}\n  diffusion_models: models/diffusion_models\n"
-                    f"  vae: models/vae\n  text_encoders: models/text_encoders\n  custom_nodes: mount\n")
+                    f"  vae: models/vae\n  text_encoders: models/text_encoders\n  loras: models/loras\n"
+                    f"  custom_nodes: mount\n")
     python = os.environ.get("COMFYUI_PYTHON") or next(
         (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
     port = _free_port()
@@ -180,6 +184,14 @@ EXPECTED_SIZES = {"kontext_basic_edit": preferred_size(*IMAGES["first.png"]),
                   "kontext_two_references": preferred_size(*IMAGES["first.png"]),
                   "kontext_iterative_edit": preferred_size(*preferred_size(*IMAGES["first.png"])),
                   "kontext_style_reference": (1024, 1024), "kontext_text_to_image": (1024, 1024)}
+# kontext_ksampler loads its text encoders and VAE with ComfyUI's own DualCLIPLoader and VAELoader, which cannot load
+# make-tiny's small models (ComfyUI fixes T5-XXL's and the VAE's sizes): it is validated by the server below, and its
+# graph runs with our loaders in test_our_model_under_comfyuis_ksampler_lora_and_model_sampling.
+NOT_RUN = {"kontext_ksampler"}
+
+
+def test_every_shipped_api_workflow_is_run_or_named_as_not_run():
+    assert {p.stem for p in API.glob("*.json")} == set(EXPECTED_SIZES) | NOT_RUN
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_SIZES))
@@ -218,7 +230,7 @@ def test_progress_previews_and_model_reuse(comfy):
         assert progress[-3:] == [(1, 3), (2, 3), (3, 3)]
         assert ws.binary_frames >= 3  # a live preview per step
         assert comfy.log_text().count("loading Flux DiT") == before  # cached between queue runs: no reload
-        assert "Requested to load KontextDiT" in comfy.log_text()  # ours go through ComfyUI's memory manager
+        assert "Requested to load Flux\n" in comfy.log_text()  # our MODEL goes through ComfyUI's memory manager
     finally:
         ws.close()
 
@@ -257,7 +269,7 @@ def test_bad_input_gives_comfyui_error_text_and_the_server_keeps_serving(comfy, 
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(wf))
     res = queue_cli(comfy, str(path), "--out", str(tmp_path / "out"))
-    assert res.returncode == 1 and expected in res.stderr, res.stderr
+    assert res.returncode == 2 and expected in res.stderr, res.stderr  # 2: a user's or ComfyUI-side error
     assert_still_serving(comfy)
 
 
@@ -265,7 +277,7 @@ def test_unreachable_server(tmp_path):
     res = subprocess.run([sys.executable, "-m", "kontext", "queue", str(API / "kontext_basic_edit.json"),
                           "--server", f"http://127.0.0.1:{_free_port()}", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert res.returncode == 1 and "cannot reach ComfyUI" in res.stderr
+    assert res.returncode == 2 and "cannot reach ComfyUI" in res.stderr, res.stderr
 
 
 def test_cancel_mid_run(comfy):
@@ -320,7 +332,7 @@ def test_mixes_with_comfyui_core_nodes(comfy):
         "9": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["8", 0], "guidance": 3.25}},
         "10": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["7", 0]}},
         "11": {"class_type": "KontextSampler", "inputs": {
-            "dit": ["1", 0], "positive": ["9", 0], "negative": ["10", 0], "latent": ["6", 0], "seed": 5,
+            "model": ["1", 0], "positive": ["9", 0], "negative": ["10", 0], "latent": ["6", 0], "seed": 5,
             "steps": 2, "guidance": 0.0, "true_cfg": 1.5, "width": 0, "height": 0, "denoise": 0.6}},
         "12": {"class_type": "KontextVAEDecode", "inputs": {"samples": ["11", 0], "vae": ["3", 0]}},
         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "kontext/mixed"}},
@@ -350,3 +362,135 @@ def test_comfyui_vae_links_pass_validation_into_our_vae_inputs(comfy):
     entry = comfy.run(wf)
     assert "node 3 (VAELoader) failed" in execution_error(entry)
     assert_still_serving(comfy)
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI's own nodes
+
+def _generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kontext_workflow_generator", ROOT / "workflows" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generators_core_node_table_is_comfyuis(comfy):
+    """workflows/generate.py describes ComfyUI's nodes by hand (the UI format's widget order follows it): the same
+    inputs in the same order, types, options and outputs as the server's /object_info."""
+    info = comfy.server.get_json("/object_info")
+    for name, (inputs, outputs, _) in _generator().CORE.items():
+        real = info[name]
+        for group in ("required", "optional"):
+            assert list(inputs.get(group, {})) == real["input_order"].get(group, []), (name, group)
+            for inp, (typ, *opts) in inputs.get(group, {}).items():
+                real_typ, real_opts = real["input"][group][inp][0], (real["input"][group][inp][1:] or [{}])[0]
+                where = f"{name}.{inp}"
+                if isinstance(typ, list):
+                    assert isinstance(real_typ, list), where
+                    if not (opts and opts[0].get("image_upload")):  # the input folder's files: the server's own
+                        assert set(typ) <= set(real_typ), (where, sorted(set(typ) - set(real_typ)))
+                else:
+                    assert typ == real_typ, where
+                for key, value in (opts[0] if opts else {}).items():
+                    assert real_opts.get(key) == value, (where, key, real_opts.get(key), value)
+        assert real["output"] == [t for _, t in outputs] and real["output_name"] == [n for n, _ in outputs], name
+
+
+def test_ksampler_workflow_passes_comfyuis_validation(comfy):
+    """The shipped kontext_ksampler: its UI format converts with the server's /object_info to the API file, and the
+    server accepts the graph (links, types, widget values) and runs it up to ComfyUI's own loaders, which stop at
+    make-tiny's small text encoders or VAE."""
+    ui = json.loads((ROOT / "workflows" / "kontext_ksampler.json").read_text())
+    api = json.loads((API / "kontext_ksampler.json").read_text())
+    converted = ui_to_api(ui, comfy.server.get_json("/object_info"))
+    assert {k: v["inputs"] for k, v in converted.items()} == {k: v["inputs"] for k, v in api.items()}
+    api["4"]["inputs"]["image"] = "first.png"
+    entry = comfy.run(api)
+    error = execution_error(entry)
+    assert "(DualCLIPLoader) failed" in error or "(VAELoader) failed" in error, error
+    assert_still_serving(comfy)
+
+
+LORA_LAYERS = {"double_blocks.0.img_attn.qkv": (384, 128), "double_blocks.0.img_mlp.0": (512, 128),
+               "double_blocks.0.txt_attn.proj": (128, 128), "single_blocks.0.linear1": (896, 128)}
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(comfy) -> str:
+    """A rank-4 LoRA for a few layers of the tiny DiT, under BFL / ComfyUI key names, in the server's loras folder."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for layer, (out, inp) in LORA_LAYERS.items():
+        sd[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.3
+        sd[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.3
+        sd[f"diffusion_model.{layer}.alpha"] = torch.tensor(4.0)
+    save_file(sd, comfy.work / "models" / "loras" / "kontext-tiny-lora.safetensors")
+    return "kontext-tiny-lora.safetensors"
+
+
+def comfy_sampling_graph(dit_name: str, lora: tuple[str, float] | None = None, model_sampling: bool = False,
+                         prefix: str = "kontext/ksampler_test") -> dict:
+    """Load Kontext Model -> [LoraLoaderModelOnly] -> [ModelSamplingFlux] -> ComfyUI's KSampler, with our text
+    encoders and VAE: positive = FluxGuidance(ReferenceLatent(text, the reference's latent)), negative = its
+    ConditioningZeroOut, latent_image = the reference's latent (ComfyUI's Kontext template, our loaders)."""
+    wf = {
+        "1": {"class_type": "KontextModelLoader", "inputs": {"dit_name": dit_name, "weight_dtype": "auto",
+                                                             "device": "cpu"}},
+        "2": {"class_type": "KontextTextEncoderLoader", "inputs": {"clip_name": "clip_l.safetensors",
+                                                                   "t5_name": "t5xxl_fp16.safetensors",
+                                                                   "device": "cpu"}},
+        "3": {"class_type": "KontextVAELoader", "inputs": {"vae_name": "ae.safetensors", "device": "cpu"}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "first.png"}},
+        "5": {"class_type": "KontextVAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["3", 0]}},
+        "6": {"class_type": "KontextTextEncode", "inputs": {"text_encoders": ["2", 0], "prompt": "make it night",
+                                                            "guidance": 2.5}},
+        "7": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["6", 0], "latent": ["5", 0]}},
+        "8": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["7", 0], "guidance": 2.5}},
+        "9": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["6", 0]}},
+        "10": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["8", 0], "negative": ["9", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "11": {"class_type": "KontextVAEDecode", "inputs": {"samples": ["10", 0], "vae": ["3", 0]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": prefix}},
+    }
+    model = ["1", 0]
+    if lora is not None:
+        wf["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": model, "lora_name": lora[0],
+                                                                    "strength_model": lora[1]}}
+        model = ["20", 0]
+    if model_sampling:
+        w, h = IMAGES["first.png"]
+        wf["21"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": model, "max_shift": 1.15,
+                                                                  "base_shift": 0.5, "width": w, "height": h}}
+        model = ["21", 0]
+    wf["10"]["inputs"]["model"] = model
+    return wf
+
+
+@pytest.mark.parametrize("dit_name", ["kontext-tiny.safetensors", "flux1-dev-kontext_fp8_scaled.safetensors"],
+                         ids=["dense", "fp8_scaled"])
+def test_our_model_under_comfyuis_ksampler_lora_and_model_sampling(comfy, tiny_lora, dit_name):
+    """Load Kontext Model's MODEL under ComfyUI's KSampler, LoraLoaderModelOnly and ModelSamplingFlux. The LoRA
+    changes the picture (merged into dense weights; on fp8 layers applied to the dequantised weight at each call);
+    strength 0 and no LoRA give the same pixels, also after a LoRA run (its patches were taken off again), and a
+    second LoRA run repeats the first (not applied twice)."""
+    def run(**kw) -> np.ndarray:
+        entry = comfy.run(comfy_sampling_graph(dit_name, **kw))
+        assert entry["status"]["status_str"] == "success", execution_error(entry)
+        (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+        assert (comfy.work / "base" / "output" / saved["subfolder"] / saved["filename"]).is_file()
+        (image,) = comfy.images(entry)
+        assert image.size == IMAGES["first.png"]  # the reference's latent (320x256 are multiples of 16)
+        return np.asarray(image).astype(np.int16)
+
+    plain = run()
+    assert plain.std() > 1.0  # a picture, not a flat colour
+    with_lora = run(lora=(tiny_lora, 1.0))
+    assert np.abs(with_lora - plain).mean() > 1.0, "the LoRA changed nothing: it was not applied"
+    assert np.array_equal(run(lora=(tiny_lora, 0.0)), plain)
+    assert np.array_equal(run(), plain)
+    assert np.array_equal(run(lora=(tiny_lora, 1.0), prefix="kontext/ksampler_again"), with_lora)
+    shifted = run(model_sampling=True)
+    assert shifted.std() > 1.0

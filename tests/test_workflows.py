@@ -19,11 +19,10 @@ WORKFLOWS = ROOT / "workflows"
 sys.path.insert(0, str(ROOT))
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
-CORE_TYPES = {"LoadImage", "SaveImage", "PreviewImage", "MarkdownNote"}  # ComfyUI's own nodes we use
 UI_ONLY = {"MarkdownNote"}
 RELEASE_FILES = {"flux1-dev-kontext_fp8_scaled.safetensors", "ae.safetensors", "clip_l.safetensors",
                  "t5xxl_fp16.safetensors"}
-KINDS = ("basic_edit", "two_references", "iterative_edit", "style_reference", "text_to_image")
+KINDS = ("basic_edit", "two_references", "iterative_edit", "style_reference", "text_to_image", "ksampler")
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 
 
@@ -35,20 +34,32 @@ def _generator():
     return module
 
 
+GENERATOR = _generator()
+CORE = GENERATOR.CORE  # ComfyUI's own nodes the workflows use, as ComfyUI defines them (test_comfyui.py checks it)
+CORE_TYPES = set(CORE) | UI_ONLY
+
+
+def input_types(node_type: str) -> dict:
+    return CORE[node_type][0] if node_type in CORE else NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+
+
+def output_types(node_type: str) -> tuple[str, ...]:
+    if node_type in CORE:
+        return tuple(t for _, t in CORE[node_type][1])
+    return NODE_CLASS_MAPPINGS[node_type].RETURN_TYPES
+
+
 def object_info() -> dict:
     """What ComfyUI's /object_info says about the node types the workflows use (ours from the classes)."""
     info = {}
-    for name, cls in NODE_CLASS_MAPPINGS.items():
-        inputs = cls.INPUT_TYPES()
+    for name in [*NODE_CLASS_MAPPINGS, *CORE]:
+        inputs = input_types(name)
         info[name] = {"input": inputs, "input_order": {g: list(inputs.get(g, {})) for g in ("required", "optional")}}
-    info["LoadImage"] = {"input": {"required": {"image": [["example.png"], {"image_upload": True}]}}}
-    info["SaveImage"] = {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {}]}}}
-    info["PreviewImage"] = {"input": {"required": {"images": ["IMAGE"]}}}
     return json.loads(json.dumps(info))  # as it arrives over HTTP: tuples become lists
 
 
 def widget_inputs(node_type: str) -> list[tuple[str, object, dict]]:
-    spec = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    spec = input_types(node_type)
     out = []
     for group in ("required", "optional"):
         for name, (typ, *opts) in spec.get(group, {}).items():
@@ -58,7 +69,7 @@ def widget_inputs(node_type: str) -> list[tuple[str, object, dict]]:
 
 
 def socket_inputs(node_type: str) -> list[tuple[str, str]]:
-    spec = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    spec = input_types(node_type)
     return [(n, t) for g in ("required", "optional") for n, (t, *_) in spec.get(g, {}).items()
             if not (isinstance(t, list) or t in ("INT", "FLOAT", "STRING", "BOOLEAN"))]
 
@@ -66,7 +77,7 @@ def socket_inputs(node_type: str) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------- the files
 
 def test_files_are_generated_and_up_to_date():
-    rendered = _generator().render()
+    rendered = GENERATOR.render()
     assert rendered, "no workflows described"
     for path, text in rendered.items():
         assert path.exists(), f"{path} missing: run python workflows/generate.py"
@@ -108,9 +119,13 @@ def test_ui_workflow_nodes_and_widgets_match_our_inputs(path):
     wf = json.loads(path.read_text())
     for n in wf["nodes"]:
         assert n["type"] in NODE_CLASS_MAPPINGS or n["type"] in CORE_TYPES, n["type"]
-        if n["type"] not in NODE_CLASS_MAPPINGS:
+        if n["type"] in UI_ONLY:
             continue
         assert [(i["name"], i["type"]) for i in n["inputs"]] == socket_inputs(n["type"])
+        assert [(o["name"], o["type"]) for o in n["outputs"]] == (
+            list(CORE[n["type"]][1]) if n["type"] in CORE else
+            list(zip(getattr(NODE_CLASS_MAPPINGS[n["type"]], "RETURN_NAMES", None) or
+                     NODE_CLASS_MAPPINGS[n["type"]].RETURN_TYPES, NODE_CLASS_MAPPINGS[n["type"]].RETURN_TYPES)))
         values = list(n["widgets_values"])
         for name, typ, opts in widget_inputs(n["type"]):
             value = values.pop(0)
@@ -125,6 +140,9 @@ def test_ui_workflow_nodes_and_widgets_match_our_inputs(path):
                 assert isinstance(value, (int, float)) and opts["min"] <= value <= opts["max"], where
             elif typ == "STRING":
                 assert isinstance(value, str), where
+        if n["type"] in CORE:
+            assert values == CORE[n["type"]][2], f"{path.stem} node {n['id']}: UI-only widget values {values}"
+            values = []
         assert values == [], f"{path.stem} node {n['id']}: extra widget values {values}"
 
 
@@ -143,23 +161,56 @@ def test_api_workflow_is_complete(path):
     api = json.loads(path.read_text())
     named = set()
     for node_id, node in api.items():
-        cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
-        assert cls is not None or node["class_type"] in CORE_TYPES - UI_ONLY
-        for value in node["inputs"].values():
-            if isinstance(value, list):  # a link: [source id, output slot]
-                src = api[value[0]]
-                outputs = (NODE_CLASS_MAPPINGS[src["class_type"]].RETURN_TYPES
-                           if src["class_type"] in NODE_CLASS_MAPPINGS else ("IMAGE", "MASK"))
-                assert 0 <= value[1] < len(outputs)
+        assert node["class_type"] in NODE_CLASS_MAPPINGS or node["class_type"] in CORE
+        sockets = dict(socket_inputs(node["class_type"]))
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link: [source id, output slot], of the type the input takes
+                outputs = output_types(api[value[0]]["class_type"])
+                assert 0 <= value[1] < len(outputs) and outputs[value[1]] in sockets[name].split(","), (node_id, name)
             elif isinstance(value, str) and value.endswith(".safetensors"):
                 named.add(value)
-        if cls is not None:
-            assert set(cls.INPUT_TYPES()["required"]) <= set(node["inputs"]), node_id
+        assert set(input_types(node["class_type"])["required"]) <= set(node["inputs"]), node_id
     assert named <= RELEASE_FILES
     types = {n["class_type"] for n in api.values()}
-    assert "SaveImage" in types and "KontextSampler" in types
+    assert "SaveImage" in types and types & {"KontextSampler", "KSampler"}
     if "text_to_image" not in path.stem:
-        assert {"LoadImage", "KontextReferenceImage"} <= types
+        assert "LoadImage" in types and types & {"KontextReferenceImage", "ReferenceLatent"}
+
+
+def test_ksampler_workflow_is_comfyuis_kontext_template_with_our_loader():
+    """ComfyUI's own Kontext graph (its flux_kontext_dev_basic template, one image): only the model loader is ours."""
+    api = json.loads((WORKFLOWS / "api" / "kontext_ksampler.json").read_text())
+    by_type = {v["class_type"]: (k, v["inputs"]) for k, v in api.items()}
+    assert len(by_type) == len(api) and {t for t in by_type if t in NODE_CLASS_MAPPINGS} == {"KontextModelLoader"}
+    src = lambda link: api[link[0]]["class_type"]  # noqa: E731
+    _, ks = by_type["KSampler"]
+    assert {k: ks[k] for k in ("steps", "cfg", "sampler_name", "scheduler", "denoise")} == {
+        "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    assert src(ks["model"]) == "KontextModelLoader"
+    guidance = api[ks["positive"][0]]
+    assert guidance["class_type"] == "FluxGuidance" and guidance["inputs"]["guidance"] == 2.5
+    reference = api[guidance["inputs"]["conditioning"][0]]["inputs"]
+    assert src(guidance["inputs"]["conditioning"]) == "ReferenceLatent"
+    text_id, text = by_type["CLIPTextEncode"]
+    zero_out = api[ks["negative"][0]]
+    assert zero_out["class_type"] == "ConditioningZeroOut" and zero_out["inputs"]["conditioning"] == [text_id, 0]
+    assert reference["conditioning"] == [text_id, 0]
+    assert reference["latent"] == ks["latent_image"] and src(ks["latent_image"]) == "VAEEncode"
+    encode = by_type["VAEEncode"][1]
+    assert src(encode["pixels"]) == "FluxKontextImageScale" and src(encode["vae"]) == "VAELoader"
+    assert src(api[encode["pixels"][0]]["inputs"]["image"]) == "LoadImage"
+    clip = api[text["clip"][0]]
+    assert clip["class_type"] == "DualCLIPLoader" and clip["inputs"]["type"] == "flux"
+    assert {clip["inputs"]["clip_name1"], clip["inputs"]["clip_name2"]} == {"clip_l.safetensors",
+                                                                            "t5xxl_fp16.safetensors"}
+    assert by_type["VAELoader"][1]["vae_name"] == "ae.safetensors"
+    decode = by_type["VAEDecode"][1]
+    assert decode["samples"] == [by_type["KSampler"][0], 0] and src(decode["vae"]) == "VAELoader"
+    assert src(by_type["SaveImage"][1]["images"]) == "VAEDecode"
+    # The queue command finds its prompt and seed as in the other workflows.
+    assert comfy_queue.prompt_nodes(api) == [text_id]
+    out = comfy_queue.patch(api, ["mine.png"], ["make it night"], 5)
+    assert out[text_id]["inputs"]["text"] == "make it night" and out[by_type["KSampler"][0]]["inputs"]["seed"] == 5
 
 
 # ---------------------------------------------------------------------------------------------- queue: patching
