@@ -93,9 +93,8 @@ SCRIPT = textwrap.dedent('''
 
     # Low VRAM: every layer left where it is, weights cast at use and the LoRA applied as a run-time function.
     dit = mine.model.diffusion_model.kontext_dit
-    before = {k: v.clone() for k, v in dit.state_dict().items()}
     patched = comfy.sd.load_lora_for_models(mine, None, lora, 0.8, 0)[0]
-    mm.unload_all_models()
+    mm.unload_all_models()  # every LoRA merged into our weights by the runs above is taken out again
     patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1, load_weights=True)
     lowvram = sum(1 for m in patched.model.modules() if getattr(m, "comfy_cast_weights", False))
     refs = [patched.model.process_latent_in(r) for r in case[0]]
@@ -109,7 +108,8 @@ SCRIPT = textwrap.dedent('''
         out["lowvram.full"] = patched.model.apply_model(x, torch.tensor([0.6]), **kw)
     patched.unpatch_model(torch.device("cpu"))
     mm.unload_all_models()
-    restored = all(torch.equal(before[k], v) for k, v in dit.state_dict().items())
+    fresh = load_dit(WEIGHTS, precision="fp32").state_dict()
+    restored = all(torch.equal(fresh[k], v) for k, v in dit.state_dict().items())
     save_file({k: v.float().contiguous() for k, v in out.items()}, OUT,
               metadata={"lowvram_layers": str(lowvram), "restored": str(restored)})
 ''')
