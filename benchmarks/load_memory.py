@@ -4,7 +4,9 @@
 
 Each measurement runs in a fresh subprocess and reports its peak RSS (VmHWM, reset at start) against the checkpoint's size:
 - "stream": read every tensor through the streaming reader and drop it (what a GPU load costs in host RAM);
-- "load-cpu-bf16": load_dit onto the CPU in bf16 (the model itself stays resident, so peak >= file size).
+- "load-cpu-bf16": load_dit onto the CPU in bf16 (the model itself stays resident, so peak >= file size);
+- "load-cpu-fp8", "load-cpu-fp4": load_dit quantising on load (the quantised model stays resident);
+- "quantize-fp8", "quantize-fp4": `python -m kontext quantize`'s writer, streaming tensor by tensor.
 """
 from __future__ import annotations
 
@@ -25,7 +27,14 @@ def hwm():  # peak RSS in kB since the last reset
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak: ru_maxrss would carry the parent's
 base = hwm()
 t0 = time.perf_counter()
-if mode == "stream":
+if mode.startswith("quantize-"):
+    from kontext.quant.writer import quantize_file
+    quantize_file(path, path + "." + mode, mode.split("-")[1], overwrite=True)
+    largest = 0
+elif mode.startswith("load-cpu-fp"):
+    m = load_dit(path, dtype=torch.bfloat16, precision=mode.rsplit("-", 1)[1])
+    largest = 0
+elif mode == "stream":
     ck = Checkpoint(path)
     largest = 0
     for k in ck.weight_keys():
@@ -65,7 +74,7 @@ def main() -> None:
         del state
         size_mb = path.stat().st_size / 2**20
         results = {"file_mb": size_mb}
-        for mode in ("stream", "load-cpu-bf16"):
+        for mode in ("stream", "load-cpu-bf16", "load-cpu-fp8", "load-cpu-fp4", "quantize-fp8", "quantize-fp4"):
             out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True,
                                  check=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
