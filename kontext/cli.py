@@ -127,7 +127,21 @@ def add_edit(sub) -> None:
     s.add_argument("--precision", choices=EngineChoices("kontext.precision", "PRECISIONS", ("auto",)), default=None,
                    metavar="NAME", help="the DiT's weights and compute: %(choices)s (default: auto, the weights as "
                                         "the file stores them, computing in bf16 on a GPU, fp32 on the CPU)")
+    s.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:STRENGTH]",
+                   help="a LoRA (ComfyUI/BFL, kohya, diffusers/PEFT, xlabs layouts) with its strength (default 1); "
+                        "repeatable, the LoRAs stack")
     p.set_defaults(run=run_edit)
+
+
+def lora_spec(text: str) -> tuple[Path, float]:
+    """FILE[:STRENGTH] -> (path, strength); a colon inside the path is kept when no number follows it."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return user_path(path), float(tail)
+        except ValueError:
+            pass
+    return user_path(text), 1.0
 
 
 def run_edit(args) -> int:
@@ -137,6 +151,7 @@ def run_edit(args) -> int:
     check_images(args.image)
     fmt = check_output(args.out, args.overwrite)
     check_device(args.device)
+    check_loras(args.lora)
     references = load_references(args.image)
     t0 = time.perf_counter()
     with tiny_models() if args.tiny else nullcontext() as tiny_dir:
@@ -150,6 +165,17 @@ def run_edit(args) -> int:
     save_image(images[0], args.out, fmt)
     print(f"wrote {args.out} ({images[0].width}x{images[0].height}) in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def check_loras(loras: list[tuple[Path, float]]) -> None:
+    """Each --lora exists and its strength is a finite number (the file itself is read before the DiT loads)."""
+    import math
+
+    for path, strength in loras:
+        if not path.is_file():
+            raise InputError(f"--lora {path}: no such file")
+        if not math.isfinite(strength):
+            raise InputError(f"--lora {path}: the strength must be a finite number, got {strength}")
 
 
 def check_model_source(args) -> None:
@@ -305,7 +331,7 @@ def tiny_models() -> Iterator[Path]:
 def load_pipeline(args, tiny_dir: Path | None) -> KontextPipeline:
     from .pipeline import KontextPipeline
 
-    device = {"device": args.device, "precision": args.precision}
+    device = {"device": args.device, "precision": args.precision, "loras": list(args.lora)}
     if tiny_dir is not None:
         return KontextPipeline.from_models_dir(tiny_dir, **device)
     if args.models is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -28,15 +29,21 @@ QUANTIZABLE = ("double_blocks.", "single_blocks.")
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             precision: str | None = None) -> FluxDiT:
+             precision: str | None = None, loras: Sequence[tuple] = (), lora_mode: str = "auto") -> FluxDiT:
     """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled, mixed fp8/NVFP4) or diffusers
     checkpoint.
 
     `precision` is "bf16", "fp16", "fp32", "fp8", "fp4", or None to keep the file's own format (see
     kontext.precision); `dtype` is the compute dtype of the quantised and as-stored cases. Quantised weights stay
     quantised in memory, bit for bit as in the file, and are used through kontext.ops' fp8 / fp4 layers.
+    `loras` [(file, strength), ...] are applied after loading (see kontext.lora.apply.with_loras; every file is
+    read and checked before the DiT is).
     """
     device = as_device(device)
+    if loras:
+        from .lora.apply import check_loras
+
+        check_loras(loras, lora_mode)
     prec = resolve(precision, dtype, device)
     ckpt = Checkpoint(resolve_model_path(path, "transformer"))
     found = detect(ckpt.weight_keys())
@@ -46,6 +53,10 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
                               "a FLUX.1 Kontext diffusion model (BFL, ComfyUI fp8_scaled or diffusers layout)")
     layout, prefix = found
     config = config_from_shapes(ckpt, layout, prefix)
+    if loras:  # read and checked against the model's shapes before any weight is loaded
+        from .lora.apply import read_all
+
+        loras = read_all(loras, config)
     with torch.device("meta"):
         model = FluxDiT(config, dtype=prec.compute)
     names = [n for n, _ in model.named_parameters()]
@@ -62,7 +73,21 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     log.info("loading Flux DiT (%s layout, %d+%d blocks, hidden %d; %d fp8 and %d fp4 linear layers) from %s, "
              "computing in %s on %s", layout, config.depth, config.depth_single_blocks, config.hidden_size,
              counts["fp8"], counts["fp4"], ckpt.path, prec.compute, device)
-    return load_plan(model, plan, ckpt, what="Flux DiT", device=device, dtype=prec.compute)
+    model = load_plan(model, plan, ckpt, what="Flux DiT", device=device, dtype=prec.compute)
+    if loras:
+        from .lora.apply import with_loras
+
+        model = with_loras(model, loras, lora_mode)
+    return model
+
+
+def dit_config(path: str | os.PathLike) -> FluxConfig:
+    """The architecture of the DiT at `path`, from its header alone (nothing is loaded)."""
+    ckpt = Checkpoint(resolve_model_path(path, "transformer"))
+    found = detect(ckpt.weight_keys())
+    if found is None:
+        raise CheckpointError(ckpt.path, f"is not a Flux DiT checkpoint: it looks like {describe(ckpt.weight_keys())}")
+    return config_from_shapes(ckpt, *found)
 
 
 def layer_formats(ckpt: Checkpoint, model: FluxDiT, plan: Plan,

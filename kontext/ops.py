@@ -38,6 +38,7 @@ class CastAtUse:
     it offloads layers that have `comfy_cast_weights` and fills `weight_function` / `bias_function`."""
 
     comfy_cast_weights = False
+    lora_branch = None  # a kontext.lora.apply.Branch: low-rank LoRAs added to the output (see add_branch)
 
     def _init_cast(self) -> None:
         self.weight_function: list = []
@@ -49,6 +50,14 @@ class CastAtUse:
         for f in self.weight_function:
             w = f(w)
         return w
+
+    def add_branch(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + up @ (down @ x) for the layer's low-rank LoRAs, in the input's dtype (rank R: ~R/K of the cost)."""
+        b = self.lora_branch
+        if b is None:
+            return out
+        down, up = b.down.to(x.device, x.dtype), b.up.to(x.device, x.dtype)
+        return out + F.linear(F.linear(x, down), up)
 
     def cast_bias(self, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         if b is None:
@@ -69,7 +78,7 @@ class Linear(CastAtUse, nn.Linear):
         self._init_cast()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.cast_weight(self.weight, x), self.cast_bias(self.bias, x))
+        return self.add_branch(x, F.linear(x, self.cast_weight(self.weight, x), self.cast_bias(self.bias, x)))
 
 
 _logged: set[tuple[str, str]] = set()
@@ -130,11 +139,12 @@ class Fp8Linear(CastAtUse, nn.Module):
         w8, scale = self.weight.to(x.device, non_blocking=True), self.weight_scale.to(x.device, non_blocking=True)
         if x.is_cuda and not self.weight_function and self.path(x) == "scaled_mm":
             row = scale.float().reshape(1, -1).expand(1, self.out_features)
-            return fp8.scaled_mm_linear(x, w8, row.contiguous(), self.cast_bias(self.bias, x))
+            return self.add_branch(x, fp8.scaled_mm_linear(x, w8, row.contiguous(), self.cast_bias(self.bias, x)))
         if not x.is_cuda:
             _log_path("fp8", "weight-only", f"no fp8 matmul on {x.device}")
         # A run-time weight function (a LoRA on a quantised layer) sees the dequantised weight: nothing re-quantised.
-        return F.linear(x, self.cast_weight(fp8.dequantize(w8, scale, x.dtype), x), self.cast_bias(self.bias, x))
+        w = self.cast_weight(fp8.dequantize(w8, scale, x.dtype), x)
+        return self.add_branch(x, F.linear(x, w, self.cast_bias(self.bias, x)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight.dtype}"
@@ -175,7 +185,8 @@ class Fp4Linear(CastAtUse, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _log_path("fp4", "weight-only (W4A16)", "NVFP4 weights are dequantised per layer at use")
-        return F.linear(x, self.cast_weight(self.dequantized(x.dtype, x.device), x), self.cast_bias(self.bias, x))
+        w = self.cast_weight(self.dequantized(x.dtype, x.device), x)
+        return self.add_branch(x, F.linear(x, w, self.cast_bias(self.bias, x)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=nvfp4"

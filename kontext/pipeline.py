@@ -153,13 +153,21 @@ class KontextPipeline:
 
     def __init__(self, dit: FluxDiT, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True):
         self.dit, self.vae, self.clip, self.t5, self.tokenizers = dit, vae, clip, t5, tokenizers
+        self.base_dit = dit  # without LoRAs: set_loras always starts from it
         self.device = device
         self.offload = offload
+
+    def set_loras(self, loras=(), mode: str = "auto") -> None:
+        """Use these LoRAs [(file, strength), ...] from now on (replacing any set before; () removes them). The
+        base weights are never changed, so removing a LoRA or changing its strength is exact."""
+        from .lora.apply import with_loras
+
+        self.dit = with_loras(self.base_dit, loras, mode) if loras else self.base_dit
 
     @classmethod
     def from_files(cls, dit, vae, clip_l, t5xxl, tokenizers=None, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, precision: str | None = None,
-                   offload: bool = True) -> "KontextPipeline":
+                   offload: bool = True, loras=()) -> "KontextPipeline":
         """Load every model. With `offload` (the default on GPUs) the text encoders stay in CPU memory and visit the
         GPU only to encode a prompt, leaving its memory to the 12B DiT."""
         from .flux_loader import load_dit
@@ -176,14 +184,22 @@ class KontextPipeline:
         offload = offload and device.type != "cpu"
         text_device = torch.device("cpu") if offload else device
         text_dtype = dtype if device.type != "cpu" else torch.float32
+        if loras:  # read and checked first: a wrong file should not wait for 30 GB of weights
+            from .flux_loader import dit_config
+            from .lora.apply import read_all
+
+            loras = read_all(loras, dit_config(dit))
         tok = load_tokenizers(tokenizers)  # first: a missing folder should not wait for 30 GB of weights
         # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        return cls(dit=load_dit(dit, device=device, dtype=dtype, precision=precision),
+        pipe = cls(dit=load_dit(dit, device=device, dtype=dtype, precision=precision),
                    vae=load_vae(vae, device=device, dtype=vae_dtype),
                    clip=load_clip_l(clip_l, device=text_device, dtype=text_dtype),
                    t5=load_t5xxl(t5xxl, device=text_device, dtype=text_dtype),
                    tokenizers=tok, device=device, offload=offload)
+        if loras:
+            pipe.set_loras(loras)
+        return pipe
 
     @classmethod
     def from_models_dir(cls, models, **kwargs) -> "KontextPipeline":

@@ -18,10 +18,12 @@ from .conditioning import KontextReferenceImage, KontextTextEncode  # noqa: E402
 from .image import KontextImageScale  # noqa: E402
 from .latent import KontextVAEDecode, KontextVAEEncode  # noqa: E402
 from .loaders import KontextModelLoader, KontextTextEncoderLoader, KontextVAELoader  # noqa: E402
+from .lora import KontextLoraLoader  # noqa: E402
 from .sampler import KontextSampler  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {
     "KontextModelLoader": KontextModelLoader,
+    "KontextLoraLoader": KontextLoraLoader,
     "KontextTextEncoderLoader": KontextTextEncoderLoader,
     "KontextVAELoader": KontextVAELoader,
     "KontextTextEncode": KontextTextEncode,
@@ -33,6 +35,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "KontextModelLoader": "Load Kontext Model",
+    "KontextLoraLoader": "Kontext LoRA",
     "KontextTextEncoderLoader": "Load Kontext Text Encoders",
     "KontextVAELoader": "Load Kontext VAE",
     "KontextTextEncode": "Kontext Text Encode",
