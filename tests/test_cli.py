@@ -358,7 +358,7 @@ def test_every_option_reaches_the_engine(tmp_path, picture, fake_engine, capsys)
                           reference_method="index", negative_prompt=None, true_cfg=1.0, denoise=0.5,
                           callback=kwargs["callback"])
     _, load_kwargs = called(fake_engine, "from_models_dir")
-    assert load_kwargs == dict(device="cpu", precision="fp32")
+    assert load_kwargs == dict(device="cpu", precision="fp32", loras=[])
     with Image.open(out) as img:
         assert img.format == "WEBP" and img.size == (64, 48)
     assert f"wrote {out} (64x48)" in capsys.readouterr().out
