@@ -84,11 +84,12 @@ class Linear(CastAtUse, nn.Linear):
 _logged: set[tuple[str, str]] = set()
 
 
-def _log_path(fmt: str, path: str, why: str) -> None:
-    """Say once per run which compute path a weight format takes (and why), not once per layer and call."""
+def _log_path(fmt: str, path: str, why: str, fallback: bool = False) -> None:
+    """Say once per run which compute path a weight format takes (and why), not once per layer and call; a GPU
+    that cannot serve the fast path is a warning, never silent."""
     if (fmt, path) not in _logged:
         _logged.add((fmt, path))
-        log.info("%s linear layers: %s (%s)", fmt, path, why)
+        (log.warning if fallback else log.info)("%s linear layers: %s (%s)", fmt, path, why)
 
 
 class Fp8Linear(CastAtUse, nn.Module):
@@ -132,7 +133,7 @@ class Fp8Linear(CastAtUse, nn.Module):
                 self._path, why = "weight-only", "sides not multiples of 16"
             else:
                 self._path, why = "scaled_mm", "fp8 tensor cores, per-token activation scales"
-            _log_path("fp8", self._path, why)
+            _log_path("fp8", self._path, why, fallback=self._path != "scaled_mm" and not self.full_precision)
         return self._path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,8 @@ class Fp4Linear(CastAtUse, nn.Module):
                                 (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _log_path("fp4", "weight-only (W4A16)", "NVFP4 weights are dequantised per layer at use")
+        _log_path("fp4", "weight-only (W4A16)", "NVFP4 matmuls are not implemented: the weights are dequantised per "
+                  "layer at use", fallback=x.is_cuda and torch.cuda.get_device_capability(x.device) >= (10, 0))
         w = self.cast_weight(self.dequantized(x.dtype, x.device), x)
         return self.add_branch(x, F.linear(x, w, self.cast_bias(self.bias, x)))
 
