@@ -81,6 +81,14 @@ SCRIPT = textwrap.dedent('''
     for who, model in (("ours", mine), ("theirs", theirs)):
         patched = comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0]
         sample(patched, f"lora.{who}", *case)
+    # The same LoRA in diffusers/PEFT names (q, k, v split), through the Kontext LoRA node's patches.
+    from kontext_pack.nodes.lora import comfy_patches
+    from kontext.lora.formats import read_lora
+
+    split = read_lora(LORA_DIFFUSERS, mine.model.diffusion_model.config)
+    patched = mine.clone()
+    patched.add_patches(comfy_patches(split), 0.8)
+    sample(patched, "lora.node_diffusers", *case)
 
     # A LoRA on fp8 weights: applied to the dequantised weight at run time, so it must equal the same LoRA on a
     # dense model holding exactly those dequantised weights.
@@ -128,6 +136,21 @@ def _lora(path: Path, cfg: FluxConfig) -> None:
         sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.02
         sd[f"diffusion_model.{name}.alpha"] = torch.tensor(2.0)
     save_file(sd, path)
+    # The same LoRA under diffusers/PEFT names: q, k, v split from the fused qkv, alpha folded into up (PEFT files
+    # carry none, so their scale is 1).
+    names = {"double_blocks.0.txt_mlp.0": "transformer_blocks.0.ff_context.net.0.proj",
+             "single_blocks.0.linear2": "single_transformer_blocks.0.proj_out",
+             "double_blocks.0.img_mod.lin": "transformer_blocks.0.norm1.linear"}
+    peft = {}
+    for name in ("double_blocks.0.img_attn.qkv", *names):
+        up = sd[f"diffusion_model.{name}.lora_up.weight"] * (2.0 / 4)
+        down = sd[f"diffusion_model.{name}.lora_down.weight"]
+        parts = zip(("to_q", "to_k", "to_v"), up.split(h)) if name.endswith("qkv") else [(None, up)]
+        for proj, part in parts:
+            stem = f"transformer_blocks.0.attn.{proj}" if proj else names[name]
+            peft[f"transformer.{stem}.lora_A.weight"] = down.clone()
+            peft[f"transformer.{stem}.lora_B.weight"] = part.contiguous()
+    save_file(peft, path.with_name("lora_diffusers.safetensors"))
 
 
 def test_ksampler_lora_and_lowvram_on_our_model_match_comfyuis(tmp_path):
@@ -145,7 +168,8 @@ def test_ksampler_lora_and_lowvram_on_our_model_match_comfyuis(tmp_path):
               tmp_path / "io.safetensors")
     python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR) / ".venv" / "bin" / "python")
     paths = dict(COMFY=COMFYUI_DIR, REPO=str(REPO), WEIGHTS=str(weights), IO=str(tmp_path / "io.safetensors"),
-                 LORA=str(tmp_path / "lora.safetensors"), OUT=str(tmp_path / "out.safetensors"))
+                 LORA=str(tmp_path / "lora.safetensors"), LORA_DIFFUSERS=str(tmp_path / "lora_diffusers.safetensors"),
+                 OUT=str(tmp_path / "out.safetensors"))
     script = "".join(f"{k} = {json.dumps(v)}\n" for k, v in paths.items()) + SCRIPT
     run = subprocess.run([python, "-c", script], cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -161,6 +185,7 @@ def test_ksampler_lora_and_lowvram_on_our_model_match_comfyuis(tmp_path):
     for case in ("one_offset", "two_offset_odd", "two_index_odd", "batch2_cfg", "lora"):
         assert rel(f"{case}.ours", f"{case}.theirs") <= 1e-5, case
     assert rel("lora.ours", "two_offset_odd.ours") > 1e-4  # the LoRA changed the result
+    assert rel("lora.node_diffusers", "lora.theirs") <= 1e-5  # diffusers names, our reader, ComfyUI's patches
     assert rel("lora.fp8", "lora.fp8_dense") <= 1e-5  # on fp8 weights: no re-quantisation
     assert int(meta["lowvram_layers"]) > 10 and rel("lowvram.partial", "lowvram.full") <= 1e-6
     assert meta["restored"] == "True"  # unloading restored the base weights exactly
