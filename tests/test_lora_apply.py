@@ -176,3 +176,20 @@ def test_kontext_lora_node_outside_comfyui(tiny_models, files, monkeypatch, tmp_
     assert M["KontextLoraLoader"]().apply(model, "a.safetensors", 0.0)[0] is model
     with pytest.raises(InputError, match="not found"):
         M["KontextLoraLoader"]().apply(model, "nope.safetensors", 1.0)
+
+
+def test_full_deltas_and_bias_deltas_on_quantised_weights(tiny_models, tmp_path):
+    """`.diff` on an fp8 weight runs at each call on the dequantised weight; `.diff_b` merges into the dense bias:
+    together they equal the same file merged into the dequantised model."""
+    g = torch.Generator().manual_seed(5)
+    name = "double_blocks.1.img_mlp.0"
+    path = tmp_path / "diff.safetensors"
+    save_file({f"diffusion_model.{name}.diff": torch.randn(4 * H, H, generator=g) * 0.01,
+               f"diffusion_model.{name}.diff_b": torch.randn(4 * H, generator=g) * 0.01}, path)
+    q = kontext.load_dit(tiny_models["dit"], precision="fp8")
+    patched = with_loras(q, [(path, 0.9)])
+    layer = patched.double_blocks[1].img_mlp[0]
+    assert layer.weight_function and layer.lora_branch is None and layer.bias is not q.double_blocks[1].img_mlp[0].bias
+    dense = kontext.FluxDiT(q.config)
+    dense.load_state_dict({k: v.float() for k, v in dense_state_dict(q, torch.float32).items()})
+    assert rel_err(velocity(patched), velocity(with_loras(dense.eval(), [(path, 0.9)]))) <= 1e-5

@@ -117,13 +117,17 @@ def with_loras(dit: nn.Module, loras: Sequence[tuple[LoraSpec, float]], mode: st
     for name, patches in group(files).items():
         layer = _replace(out, name)
         fmt = getattr(layer, "fmt", "dense")
-        branch = low_rank(patches, layer.out_features) if hasattr(layer, "out_features") else None
+        on_bias = [(p, s) for p, s in patches if p.target.endswith(".bias")]
+        on_weight = [(p, s) for p, s in patches if not p.target.endswith(".bias")]
+        branch = low_rank(on_weight, layer.out_features) if on_weight and hasattr(layer, "out_features") else None
         if fmt == "dense" and (mode != "branch" or branch is None):
             _merge(layer, patches)
-        elif branch is not None:
+            continue
+        _merge(layer, on_bias)  # biases are dense at every precision: merged
+        if branch is not None:
             layer.lora_branch = _to(branch, layer)
-        else:  # DoRA or full deltas on quantised weights: on the dequantised weight at each call, nothing re-quantised
-            layer.weight_function = list(getattr(layer, "weight_function", [])) + [_RunTime(patches)]
+        elif on_weight:  # DoRA or full deltas on quantised weights: on the dequantised weight at each call
+            layer.weight_function = list(getattr(layer, "weight_function", [])) + [_RunTime(on_weight)]
     log.info("LoRAs applied: %s", ", ".join(f"{f.path} ({f.format}, {len(f.patches)} patches) x {s:g}"
                                             for f, s in files))
     return out
