@@ -275,3 +275,14 @@ def test_comfyuis_unet_loader_reads_what_quantize_writes(tmp_path, precision):
     with torch.no_grad():
         ours = Denoiser(dit, (8, 8), [to_raw(io["ref"])])(io["x"], io["t"], io["txt"], io["y"], io["g"])
     assert rel_err(ours, theirs) <= 1e-4  # ComfyUI dequantises in another order (its own tolerance: ~1 ulp)
+
+
+def test_two_element_marker_asks_for_full_precision_matmuls(tiny_models, tmp_path):
+    """ComfyUI reads a 2-element `scaled_fp8` marker as full_precision_matrix_mult: the layers stay weight-only."""
+    sd = load_file(tiny_models["dit_fp8"])
+    assert not kontext.load_dit(tiny_models["dit_fp8"]).img_in.full_precision
+    sd[P + "scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    p = tmp_path / "fullprec.safetensors"
+    save_file(sd, p, metadata={"kontext_config": FluxConfig.tiny().to_json()})
+    dit = kontext.load_dit(p)
+    assert all(m.full_precision for m in dit.modules() if isinstance(m, Fp8Linear))

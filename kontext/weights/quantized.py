@@ -101,7 +101,7 @@ def describe_quantized(ckpt: "Checkpoint") -> dict[str, StoredQuant]:
         if key in out or not key.endswith(".weight"):
             continue
         if ckpt.dtype(key) in FP8.values():
-            out[key] = _scaled_fp8(ckpt, key)
+            out[key] = _scaled_fp8(ckpt, key, _full_precision_marker(ckpt))
         elif _first(ckpt, _stem(key), ("scale_weight", "weight_scale")):
             raise CheckpointError(ckpt.path, f"'{key}' is stored as {info.dtype} with a scale but no quantisation "
                                              "description: this format is not supported",
@@ -109,7 +109,13 @@ def describe_quantized(ckpt: "Checkpoint") -> dict[str, StoredQuant]:
     return out
 
 
-def _scaled_fp8(ckpt: "Checkpoint", key: str) -> StoredQuant:
+def _full_precision_marker(ckpt: "Checkpoint") -> bool:
+    """ComfyUI's convention: a two-element `scaled_fp8` marker asks for full-precision matmuls (weight-only)."""
+    marker = next((k for k in ckpt.infos if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
+    return marker is not None and math.prod(ckpt.infos[marker].shape) == 2
+
+
+def _scaled_fp8(ckpt: "Checkpoint", key: str, full_precision: bool = False) -> StoredQuant:
     stem = _stem(key)
     scale = _first(ckpt, stem, ("scale_weight", "weight_scale"))
     if scale is not None:
@@ -117,7 +123,8 @@ def _scaled_fp8(ckpt: "Checkpoint", key: str) -> StoredQuant:
         if n != 1 and (len(shape) != 2 or n != shape[0]):
             raise CheckpointError(ckpt.path, f"scale '{scale}' of shape {list(ckpt.infos[scale].shape)} does not fit "
                                              f"weight '{key}' of shape {list(shape)}", "one scale, or one per row")
-    return StoredQuant("fp8", key, scale, input_scale=_first(ckpt, stem, ("scale_input", "input_scale")))
+    return StoredQuant("fp8", key, scale, input_scale=_first(ckpt, stem, ("scale_input", "input_scale")),
+                       full_precision=full_precision)
 
 
 def _mixed(ckpt: "Checkpoint", stem: str, conf: dict) -> StoredQuant:
