@@ -1,4 +1,4 @@
-"""Bad and unusual input through the whole edit (issue 4): image kinds, sizes, prompts, output sizes, steps, paths.
+"""Bad and unusual input through the whole edit: image kinds, sizes, prompts, output sizes, steps, paths.
 
 Every case runs KontextPipeline.edit on the tiny models at 64x64 (about 0.2 s an edit on CPU) and either gets an image
 whose content shows the input was understood, or an InputError that says what was wrong. References are used at their
