@@ -80,7 +80,7 @@ def test_edit_matches_diffusers(ours, theirs, prompt, seed, ref_size, out_size, 
                max_sequence_length=512, output_type="pil").images[0]
     assert a.size == b.size == (w, h)
     diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
-    # Same fp32 math in a different order: at most a rounding step on a few pixels (the issue allows 2/255).
+    # Same fp32 math in a different order: at most a rounding step on a few pixels (the tolerance is 2/255).
     assert diff.max() <= 2, diff.max()
 
 
