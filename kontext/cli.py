@@ -409,13 +409,24 @@ def add_quantize(sub) -> None:
     p.set_defaults(run=cli_quantize.run)
 
 
+def add_bench(sub) -> None:
+    from . import cli_bench
+
+    p = sub.add_parser("bench", help="time the DiT per precision on random weights, against diffusers and ComfyUI",
+                       description="Time one denoising step and a whole edit at each precision on a DiT with random "
+                                   "weights built on the device (no download), with diffusers' and ComfyUI's Flux "
+                                   "on the same weights in the same process.")
+    cli_bench.add_arguments(p)
+    p.set_defaults(run=cli_bench.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kontext", description=__doc__.split("\n\n")[0],
                                      epilog="exit status: 0 done, 2 a mistake to fix (see the error line), 3 out of "
                                             "memory, 130 interrupted, 143 terminated, 1 a bug")
     parser.add_argument("--version", action="version", version=f"kontext {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (add_edit, add_make_tiny, add_download, add_queue, add_quantize):
+    for add in (add_edit, add_make_tiny, add_download, add_queue, add_quantize, add_bench):
         add(sub)
     for p in sub.choices.values():  # accepted after any verb
         p.add_argument("-v", "--verbose", action="store_true", help="log progress details")

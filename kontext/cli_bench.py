@@ -1,0 +1,56 @@
+"""The `bench` verb: `python -m kontext bench [--size full|tiny] [--device D] [--paths bf16,fp8,fp4] [--res N]
+[--steps N] [--repeat N] [--warmup N] [--comfyui DIR] [--json FILE]`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="full: FLUX.1 Kontext [dev] (12B, needs a GPU); tiny: the test size (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+    p.add_argument("--paths", default="bf16,fp8,fp4",
+                   help="comma-separated precisions to time, of bf16, fp8, fp4; on the CPU fp32 stands in for bf16 "
+                        "and fp8/fp4 run weight-only (default: %(default)s)")
+    p.add_argument("--res", type=int, default=None,
+                   help="square edit size in pixels, one reference of the same size (default: 1024 full, 256 tiny)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the timed whole edit (default: 28 full, 4 tiny)")
+    p.add_argument("--repeat", type=int, default=10, help="timed calls per step measurement (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before them (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: %(default)s)")
+    p.add_argument("--comfyui", type=Path, default=None, metavar="DIR",
+                   help="a ComfyUI checkout: also time its own Flux model on the same weights")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write every number to FILE")
+
+
+def run(args) -> int:
+    from .errors import InputError
+
+    for flag in ("repeat", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.warmup < 0:
+        raise InputError(f"--warmup {args.warmup}: must be 0 or more")
+    json_path = args.json.expanduser() if args.json is not None else None
+    if json_path is not None and not json_path.parent.is_dir():
+        raise InputError(f"--json {json_path}: the folder {json_path.parent} does not exist")
+
+    import torch  # after the checks: a typo should not wait for torch to import
+
+    from .bench import SIZES, Setup, bench, check_paths, check_res
+    from .weights.loading import as_device
+
+    paths = check_paths(args.paths)
+    make_config, res, steps = SIZES[args.size]
+    res = args.res if args.res is not None else res
+    check_res(res)
+    device = as_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    setup = Setup(make_config(), device, res, args.steps or steps, args.warmup, args.repeat, args.seed)
+    comfy_dir = args.comfyui.expanduser() if args.comfyui is not None else None
+    result = bench(setup, paths, comfy_dir, args.size)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {json_path}")
+    return 0
