@@ -11,12 +11,13 @@ from __future__ import annotations
 import gc
 import logging
 import traceback
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
 
 from .denoiser import Denoiser
-from .dit import FluxDiT
+from .dit import PLAIN, BlockRunner, FluxDiT
 from .errors import InputError
 from .params import LIBRARY, SamplingParams
 from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, schedule_for_denoise
@@ -24,6 +25,7 @@ from .vae import to_model_space, to_raw
 from .vae_tiling import decode_or_tiled
 
 log = logging.getLogger(__name__)
+DIT_OFFLOADS = ("none", "stream")  # "stream": the DiT's blocks visit the GPU one at a time (kontext.offload)
 Callback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -72,14 +74,15 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
                   true_cfg: float = 1.0, neg_txt: torch.Tensor | None = None, neg_pooled: torch.Tensor | None = None,
                   denoise: float = 1.0, init_latent: torch.Tensor | None = None, reference_method: str = "offset",
                   callback: Callback | None = None, num_images: int = 1,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+                  device: torch.device | str | None = None, blocks: BlockRunner = PLAIN) -> torch.Tensor:
     """Run the rectified-flow sampler; returns the raw latent [B, 16, H/8, W/8] (float32, on `device`).
 
     B = prompts x num_images (each prompt's images together, as diffusers orders them). `ref_latents` are raw VAE
     latents [1 or B, 16, h, w] of any sizes (odd sides are padded, as ComfyUI does). Noise is drawn on the CPU from
     `seed` (same image on any device). The run happens on `device` (default: where `txt` is). `callback(step,
     total, x0)` gets a raw-space preview of the denoised estimate after each step; an exception it raises
-    (kontext.errors.Cancelled) stops the run.
+    (kontext.errors.Cancelled) stops the run. `blocks` runs the DiT's blocks (kontext.dit.BlockRunner; e.g.
+    kontext.offload.StreamingBlocks for a DiT whose blocks live in CPU memory).
     """
     _check_size(width, height)
     p = SamplingParams(steps=steps, guidance=guidance, true_cfg=true_cfg, denoise=denoise, seed=seed,
@@ -119,9 +122,9 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
     def velocity(z: torch.Tensor, sigma: float) -> torch.Tensor:
         # diffusers hands the model float32(sigma * 1000) / 1000; reproduce that rounding for bit-level parity.
         t = torch.tensor(sigma, dtype=torch.float32) * 1000 / 1000
-        v = denoiser(z, t, txt, pooled, g)
+        v = denoiser(z, t, txt, pooled, g, blocks)
         if p.true_cfg_on:  # guide away from the negative: v_neg + s * (v_pos - v_neg)
-            v_neg = denoiser(z, t, neg_txt, neg_pooled, g)
+            v_neg = denoiser(z, t, neg_txt, neg_pooled, g, blocks)
             v = v_neg + p.true_cfg * (v - v_neg)
         last["v"] = v
         return v
@@ -133,6 +136,12 @@ def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_
 
     x = euler_sample(velocity, x, sigmas, on_step)
     return to_raw(x)
+
+
+def _check_dit_offload(value: object) -> str:
+    if value not in DIT_OFFLOADS:
+        raise InputError(f"dit_offload must be one of {', '.join(map(repr, DIT_OFFLOADS))}; got {value!r}")
+    return value
 
 
 def _free(device: torch.device) -> None:
@@ -151,11 +160,13 @@ class KontextPipeline:
     >>> image = pipe.edit("make it night", ["photo.jpg"], seed=1)[0]
     """
 
-    def __init__(self, dit: FluxDiT, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True):
+    def __init__(self, dit: FluxDiT, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True,
+                 dit_offload: str = "none"):
         self.dit, self.vae, self.clip, self.t5, self.tokenizers = dit, vae, clip, t5, tokenizers
         self.base_dit = dit  # without LoRAs: set_loras always starts from it
         self.device = device
         self.offload = offload
+        self.dit_offload = _check_dit_offload(dit_offload)
 
     def set_loras(self, loras=(), mode: str = "auto") -> None:
         """Use these LoRAs [(file, strength), ...] from now on (replacing any set before; () removes them). The
@@ -167,9 +178,11 @@ class KontextPipeline:
     @classmethod
     def from_files(cls, dit, vae, clip_l, t5xxl, tokenizers=None, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, precision: str | None = None,
-                   offload: bool = True, loras=()) -> "KontextPipeline":
+                   offload: bool = True, loras=(), dit_offload: str = "none") -> "KontextPipeline":
         """Load every model. With `offload` (the default on GPUs) the text encoders stay in CPU memory and visit the
-        GPU only to encode a prompt, leaving its memory to the 12B DiT."""
+        GPU only to encode a prompt, leaving its memory to the 12B DiT. With `dit_offload="stream"` the DiT's blocks
+        stay in CPU memory too and visit the GPU one at a time while it runs (see kontext.offload: for 16 GB and 8 GB
+        cards, at a cost in speed)."""
         from .flux_loader import load_dit
         from .precision import resolve
         from .text.clip import load_clip_l
@@ -178,7 +191,11 @@ class KontextPipeline:
         from .vae import load_vae
         from .weights.loading import as_device
 
+        _check_dit_offload(dit_offload)
         device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dit_offload != "none" and device.type == "cpu":
+            log.info("dit_offload=%r has nothing to do on the CPU: the DiT is in CPU memory already", dit_offload)
+            dit_offload = "none"
         prec = resolve(precision, dtype, device)
         dtype = prec.compute  # of the DiT's activations, and of the text encoders and VAE
         offload = offload and device.type != "cpu"
@@ -192,11 +209,17 @@ class KontextPipeline:
         tok = load_tokenizers(tokenizers)  # first: a missing folder should not wait for 30 GB of weights
         # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-        pipe = cls(dit=load_dit(dit, device=device, dtype=dtype, precision=precision),
+        dit_device = torch.device("cpu") if dit_offload == "stream" else device
+        dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision)
+        if dit_offload == "stream":
+            from .offload import prepare
+
+            prepare(dit_model, device)
+        pipe = cls(dit=dit_model,
                    vae=load_vae(vae, device=device, dtype=vae_dtype),
                    clip=load_clip_l(clip_l, device=text_device, dtype=text_dtype),
                    t5=load_t5xxl(t5xxl, device=text_device, dtype=text_dtype),
-                   tokenizers=tok, device=device, offload=offload)
+                   tokenizers=tok, device=device, offload=offload, dit_offload=dit_offload)
         if loras:
             pipe.set_loras(loras)
         return pipe
@@ -222,6 +245,15 @@ class KontextPipeline:
             if self.offload:
                 self.clip.to("cpu"), self.t5.to("cpu")
                 _free(self.device)
+
+    def _block_runner(self):
+        """The runner of the DiT's blocks for one sampling run, as a context manager (a streaming runner puts
+        every block's weights back in CPU memory when the run ends, also when it is cancelled)."""
+        if self.dit_offload == "stream":
+            from .offload import StreamingBlocks
+
+            return StreamingBlocks(self.dit, self.device)
+        return nullcontext(PLAIN)
 
     @torch.no_grad()
     def edit(self, prompt: str, references: Sequence = (), *, seed: int = 0, steps: int = 28, guidance: float = 2.5,
@@ -277,11 +309,13 @@ class KontextPipeline:
             if init is not None:
                 init = init.resize((w, h), Image.Resampling.LANCZOS) if init.size != (w, h) else init
                 init_latent = self.vae.encode(to_tensor(init).to(self.device)).float()
-            latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h, seed=p.seed,
-                                   steps=p.steps, guidance=p.guidance, true_cfg=true_cfg, neg_txt=neg_txt,
-                                   neg_pooled=neg_pooled, denoise=denoise, init_latent=init_latent,
-                                   reference_method=p.reference_method, callback=callback,
-                                   num_images=p.num_images, device=self.device)
+            with self._block_runner() as blocks:
+                latent = sample_latent(self.dit, txt, pooled, ref_latents=ref_latents, width=w, height=h,
+                                       seed=p.seed, steps=p.steps, guidance=p.guidance, true_cfg=true_cfg,
+                                       neg_txt=neg_txt, neg_pooled=neg_pooled, denoise=denoise,
+                                       init_latent=init_latent, reference_method=p.reference_method,
+                                       callback=callback, num_images=p.num_images, device=self.device,
+                                       blocks=blocks)
             pixels = decode_or_tiled(self.vae, latent)
             return to_pil(pixels)
         except BaseException as exc:
