@@ -160,6 +160,8 @@ class KontextPipeline:
     >>> image = pipe.edit("make it night", ["photo.jpg"], seed=1)[0]
     """
 
+    compiled = False  # the DiT's blocks are compiled (from_files(compile=True))
+
     def __init__(self, dit: FluxDiT, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True,
                  dit_offload: str = "none"):
         self.dit, self.vae, self.clip, self.t5, self.tokenizers = dit, vae, clip, t5, tokenizers
@@ -174,15 +176,24 @@ class KontextPipeline:
         from .lora.apply import with_loras
 
         self.dit = with_loras(self.base_dit, loras, mode) if loras else self.base_dit
+        if self.compiled:  # with_loras's block copies still hold the base blocks' compiled calls: rebind them
+            self._compile_dit()
+
+    def _compile_dit(self) -> None:
+        from .compile import compile_blocks
+
+        compile_blocks(self.dit, device=self.device)
 
     @classmethod
     def from_files(cls, dit, vae, clip_l, t5xxl, tokenizers=None, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, precision: str | None = None,
-                   offload: bool = True, loras=(), dit_offload: str = "none") -> "KontextPipeline":
+                   offload: bool = True, loras=(), dit_offload: str = "none",
+                   compile: bool = False) -> "KontextPipeline":
         """Load every model. With `offload` (the default on GPUs) the text encoders stay in CPU memory and visit the
         GPU only to encode a prompt, leaving its memory to the 12B DiT. With `dit_offload="stream"` the DiT's blocks
         stay in CPU memory too and visit the GPU one at a time while it runs (see kontext.offload: for 16 GB and 8 GB
-        cards, at a cost in speed)."""
+        cards, at a cost in speed). With `compile` the DiT's blocks are compiled (kontext.compile.compile_blocks:
+        the first edit pays the compile, later ones run faster)."""
         from .flux_loader import load_dit
         from .precision import resolve
         from .text.clip import load_clip_l
@@ -220,6 +231,9 @@ class KontextPipeline:
                    clip=load_clip_l(clip_l, device=text_device, dtype=text_dtype),
                    t5=load_t5xxl(t5xxl, device=text_device, dtype=text_dtype),
                    tokenizers=tok, device=device, offload=offload, dit_offload=dit_offload)
+        pipe.compiled = compile
+        if compile:
+            pipe._compile_dit()
         if loras:
             pipe.set_loras(loras)
         return pipe
