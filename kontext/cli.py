@@ -127,6 +127,12 @@ def add_edit(sub) -> None:
     s.add_argument("--precision", choices=EngineChoices("kontext.precision", "PRECISIONS", ("auto",)), default=None,
                    metavar="NAME", help="the DiT's weights and compute: %(choices)s (default: auto, the weights as "
                                         "the file stores them, computing in bf16 on a GPU, fp32 on the CPU)")
+    s.add_argument("--dit-offload", choices=("none", "stream"), default="none",
+                   help="stream: keep the DiT's blocks in CPU memory and stream them to the GPU block by block "
+                        "(for 16 GB and 8 GB cards; slower) (default: %(default)s)")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the DiT's blocks with torch.compile (one graph per block kind; the first step "
+                        "of each size takes longer)")
     s.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:STRENGTH]",
                    help="a LoRA (ComfyUI/BFL, kohya, diffusers/PEFT, xlabs layouts) with its strength (default 1); "
                         "repeatable, the LoRAs stack")
@@ -331,7 +337,8 @@ def tiny_models() -> Iterator[Path]:
 def load_pipeline(args, tiny_dir: Path | None) -> KontextPipeline:
     from .pipeline import KontextPipeline
 
-    device = {"device": args.device, "precision": args.precision, "loras": list(args.lora)}
+    device = {"device": args.device, "precision": args.precision, "loras": list(args.lora),
+              "dit_offload": args.dit_offload, "compile": args.compile}
     if tiny_dir is not None:
         return KontextPipeline.from_models_dir(tiny_dir, **device)
     if args.models is not None:

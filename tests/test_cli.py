@@ -358,7 +358,11 @@ def test_every_option_reaches_the_engine(tmp_path, picture, fake_engine, capsys)
                           reference_method="index", negative_prompt=None, true_cfg=1.0, denoise=0.5,
                           callback=kwargs["callback"])
     _, load_kwargs = called(fake_engine, "from_models_dir")
-    assert load_kwargs == dict(device="cpu", precision="fp32", loras=[])
+    assert load_kwargs == dict(device="cpu", precision="fp32", loras=[], dit_offload="none", compile=False)
+    assert main(["edit", "--tiny", "--prompt", "p", "--out", str(tmp_path / "s.png"), "--dit-offload", "stream",
+                 "--compile"]) == 0
+    last = [k for n, _, k in fake_engine if n == "from_models_dir"][-1]
+    assert last["dit_offload"] == "stream" and last["compile"] is True
     with Image.open(out) as img:
         assert img.format == "WEBP" and img.size == (64, 48)
     assert f"wrote {out} (64x48)" in capsys.readouterr().out
