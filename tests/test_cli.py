@@ -29,7 +29,8 @@ from PIL import Image
 import kontext
 import kontext.hub
 import kontext.tiny
-from kontext.cli import build_parser, main, output_format
+from kontext.cli import build_parser, main
+from kontext.cli_edit import output_format
 from kontext.errors import Cancelled, InputError, KontextError
 from kontext.params import MAX_SEED, SamplingParams
 from kontext.references import load_image

@@ -25,7 +25,7 @@ from kontext.denoiser import Denoiser
 from kontext.errors import CheckpointError
 from kontext.flux_loader import QUANTIZABLE, resident_bytes
 from kontext.ops import Fp4Linear, Fp8Linear, dense_state_dict, linear_formats
-from kontext.quant import fp8, nvfp4
+from kontext.quant import fp8
 from kontext.quant.writer import quantize_file
 from kontext.vae import to_raw
 
