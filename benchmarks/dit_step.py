@@ -11,13 +11,12 @@ two 12B models in bf16 (about 48 GB). On CUDA the timings synchronise and use wa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Iterator
 
 import torch
 
+from kontext.bench import default_dtype
 from kontext.config import FluxConfig
 from kontext.dit import FluxDiT
 from kontext.ids import image_ids, text_ids
@@ -29,17 +28,6 @@ SIZES = {
     "full": FluxConfig.kontext_dev(),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Build diffusers' model directly in `dtype`: a 12B model made in fp32 first would need 48 GB more."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def build(cfg: FluxConfig, device: str, dtype: torch.dtype):

@@ -37,14 +37,15 @@ from pathlib import Path
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from kontext.config import FluxConfig
 from kontext.denoiser import Denoiser
 from kontext.dit import FluxDiT
-from kontext.flux_loader import QUANTIZABLE, resident_bytes
+from kontext.bench import parameter_bytes, quantized_tensors
+from kontext.flux_loader import quantized_formats, resident_bytes
 from kontext.ops import Fp4Linear, Fp8Linear, linear_formats, set_formats
-from kontext.quant import fp8, nvfp4
+from kontext.quant import fp8
+from kontext.weights.loading import set_parameter
 
 SIZES = {"tiny": (FluxConfig.tiny, 256), "full": (FluxConfig.kontext_dev, 1024)}
 PATHS = ("bf16", "fp8", "fp4")
@@ -80,29 +81,6 @@ class Weights:
         return t.div_(math.sqrt(shape[1]))  # 1/sqrt(fan_in): activations keep their size through the layers
 
 
-def quantized_tensors(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    """A layer's stored tensors for the fp32 weight w, by the recipes the loader quantises with."""
-    if fmt == "fp8":
-        w8, scale = fp8.quantize(w, per_row=True)
-        return {"weight": w8, "weight_scale": scale}
-    q = nvfp4.quantize(w)
-    return {"weight": q.packed, "weight_scale": q.block_scales, "weight_scale_2": q.tensor_scale}
-
-
-def quantized_formats(model: nn.Module, fmt: str) -> dict[str, tuple[str, dict]]:
-    """The `set_formats` plan of the loader's quantise-on-load: the blocks' linear layers, fp8 with a scale per
-    output row."""
-    return {n: (fmt, {"scale_shape": (m.out_features,)} if fmt == "fp8" else {})
-            for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(QUANTIZABLE)}
-
-
-def assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
-    """Set parameter `name` to `t`, replacing the meta placeholder (as kontext.weights.loading does)."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-
-
 def build(weights: Weights, path: str) -> FluxDiT:
     """The DiT for one path, materialised layer by layer on the device (never a full fp32 copy beside it).
 
@@ -117,15 +95,11 @@ def build(weights: Weights, path: str) -> FluxDiT:
     for name, module in model.named_modules():
         if isinstance(module, (Fp8Linear, Fp4Linear)):
             for leaf, t in quantized_tensors(weights.draw(f"{name}.weight"), module.fmt).items():
-                assign(model, f"{name}.{leaf}", t)
+                set_parameter(model, f"{name}.{leaf}", t)
     for name, p in list(model.named_parameters()):
         if p.is_meta:  # dense weights and biases, the quantised layers' biases too
-            assign(model, name, weights.draw(name).to(dtype))
+            set_parameter(model, name, weights.draw(name).to(dtype))
     return model.eval()
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- inputs and calls

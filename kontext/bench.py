@@ -26,9 +26,10 @@ from .config import FluxConfig
 from .denoiser import Denoiser
 from .dit import FluxDiT
 from .errors import InputError
-from .flux_loader import QUANTIZABLE
+from .flux_loader import quantized_formats
 from .ids import image_ids, text_ids
 from .ops import Fp4Linear, Fp8Linear, set_formats
+from .weights.loading import set_parameter
 from .pipeline import sample_latent
 from .quant import fp8, nvfp4
 from .vae import to_model_space
@@ -111,13 +112,6 @@ def quantized_tensors(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     return {"weight": q.packed, "weight_scale": q.block_scales, "weight_scale_2": q.tensor_scale}
 
 
-def assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
-    """Set parameter `name` to `t`, replacing the meta placeholder (as kontext.weights.loading does)."""
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-
-
 def build(s: Setup, path: str) -> FluxDiT:
     """The DiT for one path, built on `meta` (quantised layers swapped in there by `set_formats`, as the loader
     does), then materialised parameter by parameter on the device."""
@@ -126,18 +120,15 @@ def build(s: Setup, path: str) -> FluxDiT:
         model = FluxDiT(s.config, dtype=s.dense)
     index = {n: (i, tuple(p.shape)) for i, (n, p) in enumerate(shapes.named_parameters())}
     if path in ("fp8", "fp4"):
-        # The loader's quantise-on-load plan: the blocks' linear layers, fp8 with a scale per output row.
-        set_formats(model, {n: (path, {"scale_shape": (m.out_features,)} if path == "fp8" else {})
-                            for n, m in model.named_modules()
-                            if isinstance(m, nn.Linear) and n.startswith(QUANTIZABLE)})
+        set_formats(model, quantized_formats(model, path))
     for name, module in model.named_modules():
         if isinstance(module, (Fp8Linear, Fp4Linear)):
             w = draw(index[f"{name}.weight"][1], f"{name}.weight", index[f"{name}.weight"][0], s)
             for leaf, t in quantized_tensors(w, module.fmt).items():
-                assign(model, f"{name}.{leaf}", t)
+                set_parameter(model, f"{name}.{leaf}", t)
     for name, p in list(model.named_parameters()):
         if p.is_meta:  # dense weights and biases, the quantised layers' biases too
-            assign(model, name, draw(index[name][1], name, index[name][0], s).to(s.dense))
+            set_parameter(model, name, draw(index[name][1], name, index[name][0], s).to(s.dense))
     return model.eval()
 
 
@@ -339,6 +330,11 @@ def table(rows: list[Row], peers: list[Peer]) -> str:
     return "\n".join(lines)
 
 
+def render(result: dict) -> str:
+    """The table of a `bench` result."""
+    return table([Row(**r) for r in result["rows"]], [Peer(**p) for p in result["peers"]])
+
+
 def meta(s: Setup, size_name: str) -> dict:
     n = (s.latent // 2) ** 2
     out = {"torch": torch.__version__, "device": str(s.device), "size": size_name, "res": s.res, "steps": s.steps,
@@ -366,7 +362,7 @@ def check_res(res: int) -> None:
 
 
 def bench(s: Setup, paths: list[str], comfy_dir: Path | None = None, size_name: str = "") -> dict:
-    """Every path in every mode, then the peers; prints the table and returns all the numbers."""
+    """Every path in every mode, then the peers; all the numbers (`render` draws them as a table)."""
     x = make_inputs(s)
     rows: list[Row] = []
     for mode in MODES:
@@ -381,5 +377,4 @@ def bench(s: Setup, paths: list[str], comfy_dir: Path | None = None, size_name: 
         peers.append(run_peer("comfyui", lambda: time_comfyui(s, x, comfy_dir), s.device))
     for r in rows:  # fp8/fp4 compare against the peer's dense path too: what a user would otherwise run
         r.ratios = {p.name: p.ms / r.ms_step for p in peers if p.ms is not None and r.ms_step}
-    print(table(rows, peers))
     return {"meta": meta(s, size_name), "rows": [vars(r) for r in rows], "peers": [vars(p) for p in peers]}

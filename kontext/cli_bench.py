@@ -39,7 +39,7 @@ def run(args) -> int:
 
     import torch  # after the checks: a typo should not wait for torch to import
 
-    from .bench import SIZES, Setup, bench, check_paths, check_res
+    from .bench import SIZES, Setup, bench, check_paths, check_res, render
     from .weights.loading import as_device
 
     paths = check_paths(args.paths)
@@ -50,6 +50,7 @@ def run(args) -> int:
     setup = Setup(make_config(), device, res, args.steps or steps, args.warmup, args.repeat, args.seed)
     comfy_dir = args.comfyui.expanduser() if args.comfyui is not None else None
     result = bench(setup, paths, comfy_dir, args.size)
+    print(render(result))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))
         print(f"wrote {json_path}")

@@ -141,15 +141,20 @@ def _quantize_on_load(name: str, rows: int, src: Source, fmt: str) -> tuple[tupl
 __all__ = ["load_dit", "FluxConfig"]
 
 
+def quantized_formats(model: FluxDiT, fmt: str) -> dict[str, tuple[str, dict]]:
+    """The quantise-on-load plan of a dense model for `set_formats`: the blocks' linear layers in `fmt` (fp8 with a
+    scale per output row), as `load_dit(precision="fp8"|"fp4")` makes them."""
+    return {n: (fmt, {"scale_shape": (m.out_features,)} if fmt == "fp8" else {})
+            for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(QUANTIZABLE)}
+
+
 def resident_bytes(config: FluxConfig, precision: str = "bf16", dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes the DiT's weights take in memory when a full-precision file is loaded at `precision`, counted on the
     `meta` device (no weights needed): quantised tensors at their own size, the rest in the compute dtype."""
     with torch.device("meta"):
         model = FluxDiT(config, dtype=dtype)
     if precision in ("fp8", "fp4"):
-        set_formats(model, {n: (precision, {"scale_shape": (m.out_features,)} if precision == "fp8" else {})
-                            for n, m in model.named_modules()
-                            if isinstance(m, nn.Linear) and n.startswith(QUANTIZABLE)})
+        set_formats(model, quantized_formats(model, precision))
     elif precision in DENSE:
         dtype = DENSE[precision]
     total = 0

@@ -150,15 +150,19 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
             target = torch.float32
         else:
             target = dtype
-        t = t.to(device=device, dtype=target)
-        owner, _, leaf = name.rpartition(".")
-        module = model.get_submodule(owner) if owner else model
-        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        set_parameter(model, name, t.to(device=device, dtype=target))
     _last_quantized[:] = [None, None]
     for name, buf in model.named_buffers():
         if buf.is_meta:  # models compute derived tables on the fly; a meta buffer here is a bug, not user error
             raise RuntimeError(f"{type(model).__name__} has an unloaded buffer {name}")
     return model.eval().requires_grad_(False)
+
+
+def set_parameter(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Parameter `name` (dotted) of `model` becomes `t`, replacing whatever stood there (a meta placeholder)."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
 
 
 def as_device(device: torch.device | str) -> torch.device:
