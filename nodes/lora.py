@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 
-from kontext.errors import InputError
-
 from .host import comfy, model_list, model_path
 from .model import StandaloneModel, kontext_dit
 
@@ -57,13 +55,12 @@ class KontextLoraLoader:
         }}
 
     def apply(self, model, lora_name: str, strength: float = 1.0):
-        from kontext.lora.apply import with_loras
+        from kontext.lora.apply import check_loras, with_loras
         from kontext.lora.formats import read_lora
 
         dit = kontext_dit(model)
         path = model_path("loras", lora_name, "LoRA")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength != strength:
-            raise InputError(f"strength must be a number, got {strength!r}")
+        check_loras([(path, strength)])
         lora = read_lora(path, dit.config)
         if lora.unmatched:
             log.warning("Kontext LoRA %s: %d keys match no layer and are ignored (e.g. %s)", path.name,

@@ -40,13 +40,14 @@ class ComfyBlocks(BlockRunner):
     """Runs the blocks as ComfyUI's Flux does: block replacements from `patches_replace["dit"]`, ControlNet residuals
     added to the image tokens after each block."""
 
-    def __init__(self, transformer_options: dict, control: dict | None):
-        self.options = transformer_options
+    def __init__(self, transformer_options: dict, control: dict | None, depths: tuple[int, int]):
+        self.options = transformer_options  # ComfyUI's own Flux writes block_type/index into it too
+        self.depths = depths  # (double, single) block counts, reported as total_blocks
         self.replace = transformer_options.get("patches_replace", {}).get("dit", {})
         self.control = control
 
     def double(self, i, block, img, txt, vec, pe):
-        self.options.update(block_type="double", block_index=i, total_blocks=self._total("double_blocks"))
+        self.options.update(block_type="double", block_index=i, total_blocks=self.depths[0])
         if ("double_block", i) in self.replace:
             def original(args):
                 out_img, out_txt = block(args["img"], args["txt"], args["vec"], args["pe"])
@@ -64,7 +65,7 @@ class ComfyBlocks(BlockRunner):
         return img, txt
 
     def single(self, i, block, x, vec, pe, n_txt):
-        self.options.update(block_type="single", block_index=i, total_blocks=self._total("single_blocks"))
+        self.options.update(block_type="single", block_index=i, total_blocks=self.depths[1])
         if ("single_block", i) in self.replace:
             out = self.replace[("single_block", i)]({"img": x, "vec": vec, "pe": pe, "attn_mask": None,
                                                      "transformer_options": self.options},
@@ -77,9 +78,6 @@ class ComfyBlocks(BlockRunner):
         if add is not None:
             x[:, n_txt: n_txt + add.shape[1]] += add
         return x
-
-    def _total(self, kind: str) -> int:
-        return self.options.get(f"_kontext_{kind}", 0)
 
     def _residual(self, which: str, i: int) -> torch.Tensor | None:
         if self.control is None:
@@ -151,10 +149,9 @@ class KontextFlux(nn.Module):
         if guidance is None and self.config.guidance_embed:
             raise InputError("the conditioning carries no guidance for this guidance-distilled model: add "
                              "FluxGuidance (Kontext's default is 2.5)")
-        options = dict(transformer_options, _kontext_double_blocks=self.config.depth,
-                       _kontext_single_blocks=self.config.depth_single_blocks)
         den = self.denoiser(x, list(ref_latents or []), method)
-        return den(x, timestep, context, y, guidance, ComfyBlocks(options, control)).to(x.dtype)
+        blocks = ComfyBlocks(transformer_options, control, (self.config.depth, self.config.depth_single_blocks))
+        return den(x, timestep, context, y, guidance, blocks).to(x.dtype)
 
 
 def unet_config(dit: FluxDiT) -> dict:
