@@ -7,7 +7,9 @@ A layer keeps its weight in the format the checkpoint stores it in and computes 
 - "fp8": float8 (e4m3fn or e5m2) values with a float32 scale (one per tensor, or one per output row); fp8 matmuls on
   GPUs with fp8 tensor cores, else dequantised at use (weight-only) exactly as the checkpoint readers dequantise:
   `(w.float() * scale).to(dtype)`;
-- "fp4": NVFP4 (packed e2m1 pairs, e4m3 block scales per 16 values, a float32 tensor scale), dequantised at use.
+- "fp4": NVFP4 (packed e2m1 pairs, e4m3 block scales per 16 values, a float32 tensor scale); NVFP4 matmuls with
+  activations quantised per call on GPUs with FP4 tensor cores (Blackwell, kontext.quant.fp4_mm), else dequantised
+  at use (weight-only, W4A16).
 The model is first built with dense layers on the `meta` device; the loader then swaps in the formats the file holds
 (`set_formats`) and hands each layer its tensors as stored. A new format (fp8 matmuls, NVFP4, a LoRA branch) is a new
 class here and a name in FORMATS; nothing else in the model changes.
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import fp8
+from .quant import fp4_mm, fp8, nvfp4
 from .quant.fp8 import FP8_DTYPES
 
 log = logging.getLogger(__name__)
@@ -153,16 +155,16 @@ class Fp8Linear(CastAtUse, nn.Module):
 
 class Fp4Linear(CastAtUse, nn.Module):
     """A linear layer holding NVFP4 weights as stored (kontext.quant.nvfp4): packed e2m1 pairs [out, in/2], e4m3
-    block scales in cuBLAS's tiled layout, a float32 tensor scale. Computes weight-only (W4A16): dequantised to
-    the compute dtype at use."""
+    block scales in cuBLAS's tiled layout, a float32 tensor scale. On FP4 tensor cores (compute capability >= 10)
+    an NVFP4 matmul with the activations quantised per call (kontext.quant.fp4_mm); elsewhere, for layers marked
+    `full_precision` and under a run-time weight function, weight-only (W4A16): dequantised to the compute dtype
+    at use. The path taken is logged once."""
 
     fmt = "fp4"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
                  full_precision: bool = False, device=None):
         super().__init__()
-        from .quant import nvfp4
-
         if in_features % nvfp4.BLOCK:
             raise ValueError(f"NVFP4 needs in_features divisible by {nvfp4.BLOCK}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -173,22 +175,47 @@ class Fp4Linear(CastAtUse, nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device),
                                          requires_grad=False)
         self.weight_scale_2 = nn.Parameter(torch.empty((), device=device), requires_grad=False)
+        # Kept so the layer round-trips to its file; the NVFP4 matmul computes a scale per call instead.
         self.input_scale = nn.Parameter(torch.empty((), device=device), requires_grad=False) if input_scale else None
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._init_cast()
 
     def dequantized(self, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
-        from .quant import nvfp4
-
         device = device or self.weight.device
         return nvfp4.dequantize(self.weight.to(device), self.weight_scale.to(device), self.weight_scale_2.to(device),
                                 (self.out_features, self.in_features), dtype)
 
+    def path(self, x: torch.Tensor) -> fp4_mm.Choice:
+        """This call's path (a run-time weight function may come and go between calls), logged once per kind."""
+        sides_ok = self.in_features % fp4_mm.K_ALIGN == 0 and self.out_features % fp4_mm.N_ALIGN == 0
+        choice = fp4_mm.choose_path(fp4_mm.capability(x.device), self.full_precision, bool(self.weight_function),
+                                    fp4_mm.torch_api(), sides_ok, fp4_mm.kernel_failed())
+        _log_path("fp4", choice.label, choice.why, fallback=choice.fallback)
+        return choice
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _log_path("fp4", "weight-only (W4A16)", "NVFP4 matmuls are not implemented: the weights are dequantised per "
-                  "layer at use", fallback=x.is_cuda and torch.cuda.get_device_capability(x.device) >= (10, 0))
-        w = self.cast_weight(self.dequantized(x.dtype, x.device), x)
-        return self.add_branch(x, F.linear(x, w, self.cast_bias(self.bias, x)))
+        choice = self.path(x)
+        fast = choice.path != fp4_mm.WEIGHT_ONLY and x.numel() > 0  # an empty input has no tensor scale
+        out = self._nvfp4_matmul(x, choice.path) if fast else None
+        if out is None:
+            w = self.cast_weight(self.dequantized(x.dtype, x.device), x)
+            out = F.linear(x, w, self.cast_bias(self.bias, x))
+        return self.add_branch(x, out)
+
+    def _nvfp4_matmul(self, x: torch.Tensor, api: str) -> torch.Tensor | None:
+        """The NVFP4 matmul, or None when the kernel refuses (a driver, cuBLAS or torch build without it): then
+        one warning, and every fp4 layer computes weight-only from this call on."""
+        weight = tuple(t.to(x.device, non_blocking=True) for t in (self.weight, self.weight_scale,
+                                                                   self.weight_scale_2))
+        try:
+            return fp4_mm.fp4_linear(x, weight, self.cast_bias(self.bias, x), api)
+        except torch.OutOfMemoryError:  # not the kernel's fault, and weight-only would need more memory
+            raise
+        except (RuntimeError, TypeError, ValueError) as exc:  # NotImplementedError is a RuntimeError
+            fp4_mm.mark_failed(f"{type(exc).__name__}: {exc}")
+            _log_path("fp4", fp4_mm.FAILED_LABEL, f"the NVFP4 matmul failed ({type(exc).__name__}: {exc})",
+                      fallback=True)
+            return None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=nvfp4"

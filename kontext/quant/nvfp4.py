@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["BLOCK", "E2M1_VALUES", "NVFP4Weight", "check_shapes", "decode_e2m1", "dequantize", "encode_e2m1",
-           "pack_nibbles", "quantize", "scale_shape", "swizzle_scales", "unpack_nibbles", "unswizzle_scales"]
+           "pack_nibbles", "quantize", "quantize_blocks", "scale_shape", "swizzle_scales", "tensor_scale",
+           "unpack_nibbles", "unswizzle_scales"]
 
 BLOCK = 16  # values per block scale, consecutive along K
 TILE_ROWS, TILE_COLS = 128, 4  # one cuBLAS scale tile: 128 rows x 4 block columns, 512 scales
@@ -158,26 +159,38 @@ def _block_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Ten
     return scales.clamp(max=E4M3_MAX).to(E4M3)
 
 
-def quantize(w: torch.Tensor) -> NVFP4Weight:
-    """w [N, K] floating point (K a multiple of 16) -> its NVFP4 form, by the standard recipe (module docstring).
+def tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """The float32 tensor scale (0-dim) of the standard recipe: the largest |x| maps to 448 * 6."""
+    return x.float().abs().amax() / (E4M3_MAX * E2M1_MAX)
+
+
+def quantize_blocks(x: torch.Tensor, tensor_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] float32 (K a multiple of 16) and its tensor scale -> (packed uint8 [R, K/2], high nibble first;
+    e4m3 block scales [R, K/16], not yet tiled). The recipe's body, shared by weights (`quantize`) and by the
+    activations of NVFP4 matmuls (kontext.quant.fp4_mm): plain tensor ops, so torch.compile can fuse them.
 
     A block whose scale is zero (all zeros, or so small next to the tensor's largest value that its scale
     underflows e4m3) gets zero codes."""
+    r, k = x.shape
+    blocks = x.reshape(r, k // BLOCK, BLOCK)
+    scales = _block_scales(blocks, tensor_scale)  # e4m3 [R, K/16]
+    step = (tensor_scale * scales.float())[..., None]  # [R, K/16, 1]: what one E2M1 unit is worth
+    zero = step == 0
+    scaled = torch.where(zero, torch.zeros_like(blocks), blocks / torch.where(zero, torch.ones_like(step), step))
+    return pack_nibbles(encode_e2m1(scaled).reshape(r, k)), scales
+
+
+def quantize(w: torch.Tensor) -> NVFP4Weight:
+    """w [N, K] floating point (K a multiple of 16) -> its NVFP4 form, by the standard recipe (module docstring)."""
     if w.dim() != 2 or not w.is_floating_point() or w.shape[1] % BLOCK:
         raise ValueError(f"NVFP4 quantises 2-D floating-point weights with in_features a multiple of {BLOCK}, got "
                          f"{w.dtype} {tuple(w.shape)}")
-    n, k = w.shape
     wf = w.float()
     if not bool(torch.isfinite(wf).all()):
         raise ValueError(f"NVFP4 cannot quantise a weight {tuple(w.shape)} holding NaN or infinite values")
-    tensor_scale = wf.abs().amax() / (E4M3_MAX * E2M1_MAX)  # float32, 0-dim
-    blocks = wf.reshape(n, k // BLOCK, BLOCK)
-    scales = _block_scales(blocks, tensor_scale)  # e4m3 [N, K/16]
-    step = (tensor_scale * scales.float())[..., None]  # [N, K/16, 1]: what one E2M1 unit is worth
-    zero = step == 0
-    scaled = torch.where(zero, torch.zeros_like(blocks), blocks / torch.where(zero, torch.ones_like(step), step))
-    packed = pack_nibbles(encode_e2m1(scaled).reshape(n, k))
-    return NVFP4Weight(packed, swizzle_scales(scales), tensor_scale, (n, k))
+    scale = tensor_scale(wf)  # float32, 0-dim
+    packed, scales = quantize_blocks(wf, scale)
+    return NVFP4Weight(packed, swizzle_scales(scales), scale, tuple(w.shape))
 
 
 def dequantize(packed: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor,
