@@ -1,5 +1,7 @@
-"""Command line: `python -m kontext VERB ...` (edit, make-tiny, download, queue, quantize, bench): the
-dispatcher, the small verbs, and the helpers they share; edit, queue, quantize and bench live in cli_<verb>.py.
+"""Command line: `python -m kontext VERB ...` (edit, make-tiny, download, queue, quantize, bench, export-onnx,
+build-engine): the
+dispatcher, the small verbs, and the helpers they share; edit, queue, quantize and bench live in cli_<verb>.py,
+export-onnx and build-engine in cli_trt.py.
 
 Exit statuses, for every verb: 0 success; 2 a mistake the user can fix (a bad option, a missing or unwritable
 file, a refused download), printed as one "error: ..." line; 3 out of memory; 130 interrupted (Ctrl-C, or a
@@ -142,13 +144,20 @@ def add_bench(sub) -> None:
     p.set_defaults(run=cli_bench.run)
 
 
+def add_tensorrt(sub) -> None:
+    from . import cli_trt
+
+    cli_trt.add_export(sub, user_path)
+    cli_trt.add_build(sub, user_path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kontext", description=__doc__.split("\n\n")[0],
                                      epilog="exit status: 0 done, 2 a mistake to fix (see the error line), 3 out of "
                                             "memory, 130 interrupted, 143 terminated, 1 a bug")
     parser.add_argument("--version", action="version", version=f"kontext {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (add_edit, add_make_tiny, add_download, add_queue, add_quantize, add_bench):
+    for add in (add_edit, add_make_tiny, add_download, add_queue, add_quantize, add_bench, add_tensorrt):
         add(sub)
     for p in sub.choices.values():  # accepted after any verb
         p.add_argument("-v", "--verbose", action="store_true", help="log progress details")

@@ -116,6 +116,12 @@ def add_edit(sub) -> None:
     s.add_argument("--compile", action="store_true",
                    help="compile the DiT's blocks with torch.compile (one graph per block kind; the first step "
                         "of each size takes longer)")
+    s.add_argument("--backend", choices=("torch", "tensorrt"), default="torch",
+                   help="tensorrt: run the DiT as an engine built by build-engine (needs --engine and the "
+                        "tensorrt package) (default: %(default)s)")
+    s.add_argument("--engine", type=user_path, default=None, metavar="DIR",
+                   help="with --backend tensorrt: the engine's .plan or its folder (one that fits this GPU is "
+                        "picked)")
     s.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:STRENGTH]",
                    help="a LoRA (ComfyUI/BFL, kohya, diffusers/PEFT, xlabs layouts) with its strength (default 1); "
                         "repeatable, the LoRAs stack")
@@ -141,6 +147,7 @@ def run_edit(args) -> int:
     fmt = check_output(args.out, args.overwrite)
     check_device(args.device)
     check_loras(args.lora)
+    check_backend(args)
     references = load_references(args.image)
     t0 = time.perf_counter()
     with tiny_models() if args.tiny else nullcontext() as tiny_dir:
@@ -165,6 +172,29 @@ def check_loras(loras: list[tuple[Path, float]]) -> None:
             raise InputError(f"--lora {path}: no such file")
         if not math.isfinite(strength):
             raise InputError(f"--lora {path}: the strength must be a finite number, got {strength}")
+
+
+def check_backend(args) -> None:
+    """--backend tensorrt: an engine, tensorrt installed, and none of what an engine cannot do."""
+    if args.backend != "tensorrt":
+        if args.engine is not None:
+            raise InputError("--engine runs with --backend tensorrt; add it, or drop --engine")
+        return
+    if args.engine is None:
+        raise InputError("--backend tensorrt needs --engine DIR (built by `python -m kontext build-engine`)")
+    if not args.engine.exists():
+        raise InputError(f"--engine {args.engine}: no such file or folder")
+    if args.tiny:
+        raise InputError("--tiny makes new random models, which no engine was built from: drop --tiny")
+    from .tensorrt.runtime import LORA_REFUSED
+
+    if args.lora:
+        raise InputError(LORA_REFUSED.replace("LoRAs cannot", "--lora cannot"))
+    if args.dit_offload != "none" or args.compile:
+        raise InputError("--dit-offload and --compile do not apply to a TensorRT engine: drop them")
+    from .tensorrt.build import import_tensorrt
+
+    import_tensorrt()  # the install hint now, not after the text encoders have loaded
 
 
 def check_model_source(args) -> None:
@@ -302,6 +332,8 @@ def load_pipeline(args, tiny_dir: Path | None) -> KontextPipeline:
 
     device = {"device": args.device, "precision": args.precision, "loras": list(args.lora),
               "dit_offload": args.dit_offload, "compile": args.compile}
+    if args.backend == "tensorrt":
+        device.update(backend="tensorrt", engine=args.engine)
     if tiny_dir is not None:
         return KontextPipeline.from_models_dir(tiny_dir, **device)
     if args.models is not None:

@@ -57,7 +57,8 @@ class Denoiser:
         # Ids are the same for every image of a batch: one row, broadcast.
         self.img_ids = image_ids((self.h, self.w), [tuple(r.shape[2:]) for r in ref_latents], reference_method,
                                  1).to(self.device)
-        self.forward = forward or self._dit_forward
+        # A backend standing in for the DiT (kontext.tensorrt's EngineDiT) brings its own forward.
+        self.forward = forward or getattr(dit, "backend_forward", None) or self._dit_forward
         self._pe: dict[int, Positions] = {}  # by text length: computed once per run, not per step or block
 
     def positions(self, text_len: int) -> Positions:

@@ -25,6 +25,11 @@ class BlockRunner:
     """How the blocks are run: plainly here; a host overrides it to wrap, replace or feed blocks (ComfyUI's block
     patches and ControlNet residuals, an offload policy that prefetches the next block's weights)."""
 
+    def is_plain(self) -> bool:
+        """True when running the blocks this way changes no number (a backend that fuses every block, such as
+        a TensorRT engine, may then run in its place)."""
+        return True
+
     def double(self, i: int, block: DoubleStreamBlock, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
                pe: Positions) -> tuple[torch.Tensor, torch.Tensor]:
         return block(img, txt, vec, pe)

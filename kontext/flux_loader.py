@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import FluxConfig
 from .dit import FluxDiT
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
 from .ops import set_formats
 from .precision import DENSE, resolve
@@ -26,10 +26,12 @@ log = logging.getLogger(__name__)
 # (99% of the weights). The embedders (img_in, txt_in, time_in, vector_in, guidance_in) and the final layer stay as
 # stored: they are under 1% of the bytes, and they set the scale of everything downstream.
 QUANTIZABLE = ("double_blocks.", "single_blocks.")
+BACKENDS = ("torch", "tensorrt")
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             precision: str | None = None, loras: Sequence[tuple] = (), lora_mode: str = "auto") -> FluxDiT:
+             precision: str | None = None, loras: Sequence[tuple] = (), lora_mode: str = "auto",
+             backend: str = "torch", engine: str | os.PathLike | None = None) -> FluxDiT:
     """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled, mixed fp8/NVFP4) or diffusers
     checkpoint.
 
@@ -38,7 +40,17 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     quantised in memory, bit for bit as in the file, and are used through kontext.ops' fp8 / fp4 layers.
     `loras` [(file, strength), ...] are applied after loading (see kontext.lora.apply.with_loras; every file is
     read and checked before the DiT is).
+
+    `backend="tensorrt"` runs a built engine instead (`engine`: its .plan or a folder of engines, see
+    kontext.tensorrt): the file at `path` is then only hashed, so that an engine built from another model is
+    refused as stale; it returns a kontext.tensorrt.runtime.EngineDiT, used wherever a FluxDiT is.
     """
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        return _load_engine(path, engine, precision, loras)
+    if engine is not None:
+        raise InputError("an engine is run by backend='tensorrt' (--backend tensorrt); the torch backend takes none")
     device = as_device(device)
     if loras:
         from .lora.apply import check_loras
@@ -79,6 +91,17 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
         model = with_loras(model, loras, lora_mode)
     return model
+
+
+def _load_engine(path, engine, precision: str | None, loras: Sequence[tuple]):
+    from .tensorrt.runtime import LORA_REFUSED, load_engine
+
+    if loras:
+        raise InputError(LORA_REFUSED)
+    if engine is None:
+        raise InputError("backend='tensorrt' needs the engine: its .plan file or the folder of engines "
+                         "(--engine DIR; `python -m kontext build-engine` makes one)")
+    return load_engine(engine, source=resolve_model_path(path, "transformer"), precision=precision)
 
 
 def dit_config(path: str | os.PathLike) -> FluxConfig:

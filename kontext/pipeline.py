@@ -175,6 +175,10 @@ class KontextPipeline:
         base weights are never changed, so removing a LoRA or changing its strength is exact."""
         from .lora.apply import with_loras
 
+        if loras and getattr(self.base_dit, "backend", "torch") == "tensorrt":
+            from .tensorrt.runtime import LORA_REFUSED
+
+            raise InputError(LORA_REFUSED)
         self.dit = with_loras(self.base_dit, loras, mode) if loras else self.base_dit
         if self.compiled:  # with_loras's block copies still hold the base blocks' compiled calls: rebind them
             self._compile_dit()
@@ -188,12 +192,13 @@ class KontextPipeline:
     def from_files(cls, dit, vae, clip_l, t5xxl, tokenizers=None, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None, precision: str | None = None,
                    offload: bool = True, loras=(), dit_offload: str = "none",
-                   compile: bool = False) -> "KontextPipeline":
+                   compile: bool = False, backend: str = "torch", engine=None) -> "KontextPipeline":
         """Load every model. With `offload` (the default on GPUs) the text encoders stay in CPU memory and visit the
         GPU only to encode a prompt, leaving its memory to the 12B DiT. With `dit_offload="stream"` the DiT's blocks
         stay in CPU memory too and visit the GPU one at a time while it runs (see kontext.offload: for 16 GB and 8 GB
         cards, at a cost in speed). With `compile` the DiT's blocks are compiled (kontext.compile.compile_blocks:
-        the first edit pays the compile, later ones run faster)."""
+        the first edit pays the compile, later ones run faster). `backend="tensorrt"` with `engine` (a .plan or a
+        folder of engines) runs the DiT as a TensorRT engine (see load_dit); it takes no LoRA, offload or compile."""
         from .flux_loader import load_dit
         from .precision import resolve
         from .text.clip import load_clip_l
@@ -203,6 +208,9 @@ class KontextPipeline:
         from .weights.loading import as_device
 
         _check_dit_offload(dit_offload)
+        if backend == "tensorrt" and (dit_offload != "none" or compile):
+            raise InputError("a TensorRT engine manages its own memory and kernels: drop dit_offload / compile "
+                             "(--dit-offload, --compile) with the tensorrt backend")
         device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dit_offload != "none" and device.type == "cpu":
             log.info("dit_offload=%r has nothing to do on the CPU: the DiT is in CPU memory already", dit_offload)
@@ -221,7 +229,12 @@ class KontextPipeline:
         # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
         dit_device = torch.device("cpu") if dit_offload == "stream" else device
-        dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision)
+        if backend == "tensorrt" and loras:
+            from .tensorrt.runtime import LORA_REFUSED
+
+            raise InputError(LORA_REFUSED)
+        dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision, backend=backend,
+                             engine=engine)
         if dit_offload == "stream":
             from .offload import prepare
 

@@ -46,6 +46,10 @@ class ComfyBlocks(BlockRunner):
         self.replace = transformer_options.get("patches_replace", {}).get("dit", {})
         self.control = control
 
+    def is_plain(self) -> bool:
+        residuals = bool(self.control) and any(self.control.get(k) for k in ("input", "output"))
+        return not self.replace and not residuals
+
     def double(self, i, block, img, txt, vec, pe):
         self.options.update(block_type="double", block_index=i, total_blocks=self.depths[0])
         if ("double_block", i) in self.replace:

@@ -1,0 +1,85 @@
+"""The TensorRT verbs: `export-onnx` (a DiT file -> an ONNX graph) and `build-engine` (graph -> engine + sidecar).
+
+    python -m kontext export-onnx --dit flux1-kontext-dev.safetensors --out kontext.onnx [--precision bf16|fp8|fp4]
+    python -m kontext build-engine --onnx kontext.onnx --out ~/ComfyUI/models/tensorrt
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_export(sub, user_path) -> None:
+    p = sub.add_parser("export-onnx", help="export the DiT as an ONNX graph for TensorRT",
+                       description="Export the DiT (Kontext's dynamic token axis: the target plus one or two "
+                                   "references at every preferred resolution, 512 text tokens) as ONNX, weights "
+                                   "beside it past 2 GB, fp8/fp4 weights as DequantizeLinear nodes.")
+    p.add_argument("--dit", type=user_path, required=True, help="the DiT file (any layout `edit --dit` reads)")
+    p.add_argument("--out", type=user_path, required=True, help="the .onnx file to write")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32", "fp8", "fp4"), default=None,
+                   help="weights and compute of the graph (default: as the file stores them, computing in bf16)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="merge this LoRA into the graph (repeatable): an engine's weights are fixed once built")
+    p.add_argument("--max-references", type=int, default=2, help="references the graph serves (default: 2)")
+    p.add_argument("--max-batch", type=int, default=2, help="largest batch (default: 2, true CFG in one call)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its .data file) if they exist")
+    p.set_defaults(run=run_export)
+
+
+def add_build(sub, user_path) -> None:
+    p = sub.add_parser("build-engine", help="build a TensorRT engine from an exported graph (needs tensorrt)",
+                       description="Build a strongly typed TensorRT engine with one optimisation profile per "
+                                   "reference count, a timing cache, and a JSON sidecar (source hash, precision, "
+                                   "profiles, TensorRT version, GPU).")
+    p.add_argument("--onnx", type=user_path, required=True, help="the graph written by export-onnx")
+    p.add_argument("--out", type=user_path, required=True,
+                   help="the engine folder (ComfyUI's is models/tensorrt); engines for other GPUs, TensorRT versions "
+                        "or models live side by side in it")
+    p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT's workspace limit in GB")
+    p.add_argument("--refittable", action="store_true", help="build with TensorRT's REFIT flag")
+    p.add_argument("--rebuild", action="store_true", help="build again even if the cache has this engine")
+    p.set_defaults(run=run_build)
+
+
+def run_export(args) -> int:
+    import torch
+
+    from .cli_edit import check_loras, lora_spec
+    from .errors import InputError
+    from .flux_loader import load_dit
+    from .tensorrt.export import check_output, export_onnx
+    from .tensorrt.profiles import kontext_profiles
+
+    out: Path = args.out
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"--out {out}: the output must be a .onnx file")
+    check_output(out, out.with_name(out.name + ".data"), args.overwrite)
+    if not args.dit.exists():
+        raise InputError(f"--dit {args.dit}: no such file or folder")
+    loras = [lora_spec(text) for text in args.lora]
+    check_loras(loras)
+    profiles = kontext_profiles(args.max_references, args.max_batch)
+    dtype = torch.float32 if args.precision == "fp32" else torch.float16 if args.precision == "fp16" \
+        else torch.bfloat16
+    t0 = time.perf_counter()
+    dit = load_dit(args.dit, device="cpu", dtype=dtype, precision=args.precision, loras=loras)
+    done = export_onnx(dit, out, profiles=profiles, source=args.dit if args.dit.is_file() else None,
+                       overwrite=args.overwrite)
+    data = f" + {done.data_path.name}" if done.data_path else ""
+    print(f"wrote {out}{data} ({done.precision}, opset {done.opset}, {done.bytes / 1e9:.2f} GB) in "
+          f"{time.perf_counter() - t0:.0f}s (export {done.seconds:.0f}s)")
+    return 0
+
+
+def run_build(args) -> int:
+    from .errors import InputError
+    from .tensorrt.build import build_engine
+
+    if args.workspace_gb is not None and not args.workspace_gb > 0:
+        raise InputError(f"--workspace-gb must be positive, got {args.workspace_gb}")
+    t0 = time.perf_counter()
+    plan = build_engine(args.onnx, args.out, refittable=args.refittable, workspace_gb=args.workspace_gb,
+                        rebuild=args.rebuild, verbose=args.verbose)
+    print(f"engine {plan} ({plan.stat().st_size / 1e9:.2f} GB) ready in {time.perf_counter() - t0:.0f}s")
+    return 0

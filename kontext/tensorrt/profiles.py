@@ -1,0 +1,81 @@
+"""The shapes an exported Kontext DiT must serve: one dynamic image-token axis and a batch axis.
+
+An edit's image tokens are the target's followed by every reference's, 16x16 pixels a token. The export and the
+engine's optimisation profiles cover the target plus one or two references at any of Kontext's 17 preferred
+resolutions (about one megapixel each: 3,888 to 4,128 tokens an image); the text is always T5's 512 tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError
+from ..references import PREFERRED_RESOLUTIONS
+
+TEXT_TOKENS = 512
+PIXELS_PER_TOKEN = 16  # 8x VAE downsampling, then 2x2 patches
+
+
+def image_tokens(width: int, height: int) -> int:
+    return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimisation profile: min / opt / max of the image-token count and of the batch."""
+    name: str
+    tokens: tuple[int, int, int]
+    batch: tuple[int, int, int]
+
+    def covers(self, batch: int, tokens: int) -> bool:
+        return self.tokens[0] <= tokens <= self.tokens[2] and self.batch[0] <= batch <= self.batch[2]
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.tokens[0]}..{self.tokens[2]} image tokens, batch {self.batch[0]}..{self.batch[2]}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        return cls(str(d["name"]), tuple(int(v) for v in d["tokens"]), tuple(int(v) for v in d["batch"]))
+
+
+def kontext_profiles(max_references: int = 2, max_batch: int = 2) -> list[Profile]:
+    """A profile per reference count 1..max_references: the target and every reference at any preferred
+    resolution, optimised for 1024x1024 ones. Batch 2 covers true CFG's negative prompt in one call."""
+    if not 1 <= max_references <= 4 or not 1 <= max_batch <= 16:
+        raise InputError(f"max_references must be 1..4 and max_batch 1..16, got {max_references} and {max_batch}")
+    per_image = [image_tokens(w, h) for w, h in PREFERRED_RESOLUTIONS]
+    lo, hi, opt = min(per_image), max(per_image), image_tokens(1024, 1024)
+    return [Profile(f"{n} reference{'s' if n > 1 else ''}", ((1 + n) * lo, (1 + n) * opt, (1 + n) * hi),
+                    (1, 1, max_batch)) for n in range(1, max_references + 1)]
+
+
+def token_range(profiles: list[Profile]) -> tuple[int, int]:
+    """The smallest and largest image-token count any profile serves (the export's dynamic-axis bounds)."""
+    return min(p.tokens[0] for p in profiles), max(p.tokens[2] for p in profiles)
+
+
+def choose(profiles: list[Profile], batch: int, tokens: int, text: int) -> int:
+    """The index of the profile serving a call, the tightest one when several do; else an InputError naming every
+    profile's bounds (an engine never runs a shape it was not built for)."""
+    if text != TEXT_TOKENS:
+        raise InputError(f"this engine takes exactly {TEXT_TOKENS} text tokens (T5's padded prompt), got {text}")
+    fits = [i for i, p in enumerate(profiles) if p.covers(batch, tokens)]
+    if not fits:
+        bounds = "; ".join(p.describe() for p in profiles)
+        raise InputError(f"{tokens} image tokens at batch {batch} are outside this engine's profiles ({bounds}). "
+                         "Use a preferred Kontext resolution (the default resize does), fewer references, or "
+                         "build an engine with wider profiles")
+    return min(fits, key=lambda i: profiles[i].tokens[2] - profiles[i].tokens[0])
+
+
+def input_shapes(profile: Profile, config) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape of every graph input under `profile`, for the engine build."""
+    def shapes(make):
+        return tuple(make(b, n) for b, n in zip(profile.batch, profile.tokens))
+
+    return {"img": shapes(lambda b, n: (b, n, config.in_channels)), "img_ids": shapes(lambda b, n: (b, n, 3)),
+            "txt": shapes(lambda b, n: (b, TEXT_TOKENS, config.context_in_dim)),
+            "txt_ids": shapes(lambda b, n: (b, TEXT_TOKENS, 3)), "timesteps": shapes(lambda b, n: (b,)),
+            "y": shapes(lambda b, n: (b, config.vec_in_dim)), "guidance": shapes(lambda b, n: (b,))}
