@@ -1,10 +1,13 @@
-"""Time the DiT at each precision on random weights, against diffusers' and ComfyUI's Flux in the same process.
+"""Time the DiT at each precision and memory mode on random weights, against diffusers' and ComfyUI's Flux in the
+same process.
 
 Every model is built directly on the device from seeded generators (no download, no file): parameter i of the DiT
 is drawn from its own generator, so each path sees the same numbers and no path needs a full fp32 copy beside it.
-Per path: one denoising step (median of `repeat` `Denoiser` calls after `warmup`, CUDA events on a GPU), a whole
-edit's sampling loop (`sample_latent`, random conditioning, no VAE or text encoders), peak GPU memory and resident
-weight bytes. Peers get the dense weights and the same inputs; their ratios are peer / ours (> 1: we are faster).
+Per path and mode (kontext.bench_modes: resident, stream, compiled): one denoising step (median of `repeat`
+`Denoiser` calls after `warmup`, CUDA events on a GPU), the warm-up (first call minus that), a whole edit's sampling
+loop (`sample_latent`, random conditioning, no VAE or text encoders), peak GPU memory, the weight bytes the device
+holds for the whole run, and how far the velocity is from the resident mode's. Peers get the dense weights and the
+same inputs; their ratios are peer / ours (> 1: we are faster).
 """
 from __future__ import annotations
 
@@ -23,21 +26,18 @@ import torch
 from torch import nn
 
 from .config import FluxConfig
-from .denoiser import Denoiser
 from .dit import FluxDiT
 from .errors import InputError
 from .flux_loader import quantized_formats
 from .ids import image_ids, text_ids
+from .offload import BLOCK_LISTS
 from .ops import Fp4Linear, Fp8Linear, set_formats
-from .weights.loading import set_parameter
-from .pipeline import sample_latent
 from .quant import fp8, nvfp4
 from .vae import to_model_space
+from .weights.loading import set_parameter
 
 SIZES = {"full": (FluxConfig.kontext_dev, 1024, 28), "tiny": (FluxConfig.tiny, 256, 4)}  # config, res, steps
 PATHS = ("bf16", "fp8", "fp4")
-# How the weights live during a run. Only "resident" so far: every weight on the device for the whole run.
-MODES = ("resident",)
 TEXT_TOKENS = 512
 SIGMA, GUIDANCE = 0.7, 2.5
 
@@ -51,6 +51,9 @@ class Setup:
     warmup: int
     repeat: int
     seed: int = 0
+    memory_limit_gb: float | None = None  # cap of PyTorch's CUDA allocator, in GiB: a smaller card emulated
+    cuda_graphs: bool = False  # the compiled mode records CUDA graphs (mode "reduce-overhead")
+    step_only: bool = False  # no whole edit: the small-card checks need the step's memory, not 28 more steps
 
     @property
     def dense(self) -> torch.dtype:
@@ -83,11 +86,14 @@ class Row:
     mode: str
     path: str
     ms_step: float | None = None
-    ms_edit: float | None = None
+    s_edit: float | None = None  # the whole edit, seconds
+    warmup_s: float | None = None  # first call minus the steady-state step: compiling, kernel choice, first fetch
     peak_bytes: int | None = None
-    weight_bytes: int | None = None
+    weight_bytes: int | None = None  # held on the device for the whole run (streamed blocks only visit)
+    dv: float | None = None  # max |v - v_resident| / max |v_resident|, same path and inputs
     ratios: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    note: str | None = None  # how to read the row (a CPU stand-in, CUDA graphs)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -112,9 +118,17 @@ def quantized_tensors(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     return {"weight": q.packed, "weight_scale": q.block_scales, "weight_scale_2": q.tensor_scale}
 
 
-def build(s: Setup, path: str) -> FluxDiT:
+def build(s: Setup, path: str, blocks_on: torch.device | None = None) -> FluxDiT:
     """The DiT for one path, built on `meta` (quantised layers swapped in there by `set_formats`, as the loader
-    does), then materialised parameter by parameter on the device."""
+    does), then materialised parameter by parameter on the device. With `blocks_on` the blocks' parameters move
+    there as they are drawn (the streaming mode's CPU home), so the device never holds more than one of them."""
+    def home(name: str, t: torch.Tensor) -> torch.Tensor:
+        if blocks_on is None or name.split(".")[0] not in BLOCK_LISTS:
+            return t
+        # From the GPU straight into pinned memory (offload.prepare keeps pinned tensors as they are): one copy at
+        # DMA speed instead of a pageable one and a second into pinned pages, 24 GB each at full size in bf16.
+        return torch.empty(t.shape, dtype=t.dtype, device=blocks_on, pin_memory=t.is_cuda).copy_(t)
+
     with torch.device("meta"):
         shapes = FluxDiT(s.config)
         model = FluxDiT(s.config, dtype=s.dense)
@@ -125,10 +139,10 @@ def build(s: Setup, path: str) -> FluxDiT:
         if isinstance(module, (Fp8Linear, Fp4Linear)):
             w = draw(index[f"{name}.weight"][1], f"{name}.weight", index[f"{name}.weight"][0], s)
             for leaf, t in quantized_tensors(w, module.fmt).items():
-                set_parameter(model, f"{name}.{leaf}", t)
+                set_parameter(model, f"{name}.{leaf}", home(name, t))
     for name, p in list(model.named_parameters()):
         if p.is_meta:  # dense weights and biases, the quantised layers' biases too
-            set_parameter(model, name, draw(index[name][1], name, index[name][0], s).to(s.dense))
+            set_parameter(model, name, home(name, draw(index[name][1], name, index[name][0], s).to(s.dense)))
     return model.eval()
 
 
@@ -172,12 +186,14 @@ def median_ms(fn: Callable[[], object], s: Setup) -> float:
     return statistics.median(times)
 
 
-def once_ms(fn: Callable[[], object], device: torch.device) -> float:
+def timed_once(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Milliseconds of one call, host clock around device syncs (a first call's compiling is on the host), and
+    its result."""
     sync(device)
     t = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return (time.perf_counter() - t) * 1000
+    return (time.perf_counter() - t) * 1000, out
 
 
 def reset_memory(device: torch.device) -> None:
@@ -186,25 +202,19 @@ def reset_memory(device: torch.device) -> None:
         sync(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-@torch.no_grad()
-def time_path(s: Setup, x: Inputs, mode: str, path: str) -> Row:
-    """Build the path's model, time a step and a whole edit, free it on return."""
-    reset_memory(s.device)
-    model = build(s, path)
-    row = Row(mode, dense_name(s) if path == "bf16" else path, weight_bytes=parameter_bytes(model))
-    den = Denoiser(model, (s.latent, s.latent), [x.ref], "offset", s.device)
-    row.ms_step = median_ms(lambda: den(x.z, SIGMA, x.txt, x.pooled, GUIDANCE), s)
-    row.ms_edit = once_ms(lambda: sample_latent(model, x.txt, x.pooled, ref_latents=[x.ref], width=s.res,
-                                                height=s.res, steps=s.steps, device=s.device), s.device)
-    if s.device.type == "cuda":
-        row.peak_bytes = torch.cuda.max_memory_allocated(s.device)
-    return row
+        # Pinned host blocks of a streamed model stay cached after it is freed (tens of GB at full size); torch
+        # has no public call to give them back, only this private one (CUDA builds, 2.5 and later).
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()
 
 
 def dense_name(s: Setup) -> str:
     return "bf16" if s.dense == torch.bfloat16 else "fp32"
+
+
+def path_name(s: Setup, path: str) -> str:
+    """The path as its row names it: the dense path is fp32 on the CPU."""
+    return dense_name(s) if path == "bf16" else path
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -287,65 +297,19 @@ def time_comfyui(s: Setup, x: Inputs, comfy_dir: Path) -> Peer:
     return Peer("comfyui", median_ms(call, s), dense_name(s))
 
 
-def run_peer(name: str, fn: Callable[[], Peer], device: torch.device) -> Peer:
-    """A peer that is missing or fails is one line saying why, never the end of the run."""
-    reset_memory(device)
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - an import error, a version mismatch, out of memory: others count
-        return Peer(name, note=reason(exc))
-    finally:
-        reset_memory(device)
+# ---------------------------------------------------------------------------------------------- entry
 
-
-# ---------------------------------------------------------------------------------------------- report
-
-def reason(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"
-
-
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def table(rows: list[Row], peers: list[Peer]) -> str:
-    names = [p.name for p in peers if p.ms is not None]
-    head = f"{'mode':9} {'path':5} {'ms/step':>9} {'ms/edit':>10} {'peak mem':>10} {'weights':>10}"
-    lines = [head + "".join(f" {n + '/ours':>15}" for n in names)]
-    for r in rows:
-        if r.error:
-            lines.append(f"{r.mode:9} {r.path:5} FAILED: {r.error}")
-            continue
-        lines.append(f"{r.mode:9} {r.path:5} {r.ms_step:9.1f} {r.ms_edit:10.1f} {size(r.peak_bytes):>10} "
-                     f"{size(r.weight_bytes):>10}" + "".join(f" {r.ratios[n]:15.2f}" for n in names))
-    for p in peers:
-        lines.append(f"{p.name}: {p.ms:.1f} ms/step ({p.dtype}, same weights and inputs)" if p.ms is not None
-                     else f"{p.name}: not timed ({p.note})")
-    if names:
-        lines.append("ratios: peer ms / our ms per step (> 1: we are faster); fp8/fp4 against the peer's dense path")
-    return "\n".join(lines)
-
-
-def render(result: dict) -> str:
-    """The table of a `bench` result."""
-    return table([Row(**r) for r in result["rows"]], [Peer(**p) for p in result["peers"]])
-
-
-def meta(s: Setup, size_name: str) -> dict:
+def meta(s: Setup, size_name: str, modes: list[str]) -> dict:
     n = (s.latent // 2) ** 2
-    out = {"torch": torch.__version__, "device": str(s.device), "size": size_name, "res": s.res, "steps": s.steps,
-           "warmup": s.warmup, "repeat": s.repeat, "tokens": {"target": n, "reference": n, "text": TEXT_TOKENS},
-           "config": json.loads(s.config.to_json()), "modes": list(MODES)}
+    out = {"torch": torch.__version__, "device": str(s.device), "size": size_name, "res": s.res,
+           "steps": None if s.step_only else s.steps, "warmup": s.warmup, "repeat": s.repeat,
+           "tokens": {"target": n, "reference": n, "text": TEXT_TOKENS}, "config": json.loads(s.config.to_json()),
+           "modes": modes, "memory_limit_gb": s.memory_limit_gb, "cuda_graphs": s.cuda_graphs}
     if s.device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(s.device)
+        out["gpu_bytes"] = torch.cuda.get_device_properties(s.device).total_memory
     return out
 
-
-# ---------------------------------------------------------------------------------------------- entry
 
 def check_paths(text: str) -> list[str]:
     paths = [p.strip() for p in text.split(",") if p.strip()]
@@ -361,20 +325,12 @@ def check_res(res: int) -> None:
         raise InputError(f"--res {res}: the edit size must be a positive multiple of 16 pixels (e.g. 256, 1024)")
 
 
-def bench(s: Setup, paths: list[str], comfy_dir: Path | None = None, size_name: str = "") -> dict:
-    """Every path in every mode, then the peers; all the numbers (`render` draws them as a table)."""
-    x = make_inputs(s)
-    rows: list[Row] = []
-    for mode in MODES:
-        for path in paths:
-            try:
-                rows.append(time_path(s, x, mode, path))
-            except Exception as exc:  # noqa: BLE001 - one path failing (OOM, a missing kernel) keeps the others
-                rows.append(Row(mode, dense_name(s) if path == "bf16" else path, error=reason(exc)))
-            reset_memory(s.device)
-    peers = [run_peer("diffusers", lambda: time_diffusers(s, x), s.device)]
-    if comfy_dir is not None:
-        peers.append(run_peer("comfyui", lambda: time_comfyui(s, x, comfy_dir), s.device))
-    for r in rows:  # fp8/fp4 compare against the peer's dense path too: what a user would otherwise run
-        r.ratios = {p.name: p.ms / r.ms_step for p in peers if p.ms is not None and r.ms_step}
-    return {"meta": meta(s, size_name), "rows": [vars(r) for r in rows], "peers": [vars(p) for p in peers]}
+def bench(s: Setup, paths: list[str], comfy_dir: Path | None = None, size_name: str = "",
+          modes: list[str] | None = None, progress: Callable[[dict], None] | None = None) -> dict:
+    """The peers, then every path in every mode (kontext.bench_modes.MODES, all by default); all the numbers
+    (kontext.bench_modes.render draws them as a table). `progress` gets the result so far after each row (the command line
+    rewrites its JSON with it: a run cut short keeps the rows it measured)."""
+    # bench_modes builds on this module's weights and timers: imported here, so that imports go one way.
+    from .bench_modes import run_all
+
+    return run_all(s, paths, comfy_dir, size_name, modes, progress)
