@@ -102,6 +102,36 @@ def model_path(folder: str, name: str, what: str) -> Path:
                      "Put the file there and press R in ComfyUI to refresh the list.")
 
 
+ENGINE_FOLDER = "tensorrt"  # models/tensorrt, as ComfyUI_TensorRT names it
+
+
+def engine_dirs() -> list[Path]:
+    """Where engines built by `python -m kontext build-engine` are looked for: ComfyUI's models/tensorrt (and
+    extra_model_paths.yaml entries for it), registered or not."""
+    fp = comfy("folder_paths")
+    if fp is not None:
+        return model_dirs(ENGINE_FOLDER) or [Path(fp.models_dir) / ENGINE_FOLDER]
+    return _fallback_dirs(ENGINE_FOLDER)
+
+
+def engine_list() -> list[str]:
+    """The engines (a .plan with its .json sidecar) in the engine folders, relative to them. Listed directly, not
+    through folder_paths: another pack may register the folder for its own file type."""
+    return sorted({str(p.relative_to(d)).replace(os.sep, "/") for d in engine_dirs() if d.is_dir()
+                   for p in d.rglob("*.plan") if p.with_suffix(".json").is_file()})
+
+
+def engine_path(name: str) -> Path:
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise InputError(f"engine {name!r}: expected a name from the models/{ENGINE_FOLDER} list, not a path")
+    for d in engine_dirs():
+        if (d / rel).is_file():
+            return d / rel
+    raise InputError(f"engine {name!r} not found in models/{ENGINE_FOLDER}; build one with `python -m kontext "
+                     "build-engine --onnx MODEL.onnx --out <ComfyUI>/models/tensorrt`")
+
+
 def fingerprint(path: Path) -> str:
     """Changes when the file (or any file of a folder model) is replaced or rewritten."""
     files = sorted(path.rglob("*")) if path.is_dir() else [path]

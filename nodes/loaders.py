@@ -5,8 +5,10 @@ import logging
 
 import torch
 
+from kontext.errors import InputError
+
 from .cache import cached
-from .host import fingerprint, model_list, model_path
+from .host import engine_dirs, engine_list, engine_path, fingerprint, model_list, model_path
 from .placement import POLICIES, Placed, compute_dtype, model_for
 
 log = logging.getLogger(__name__)
@@ -62,17 +64,32 @@ class KontextModelLoader:
                                                         "quarter of the memory); fp8 matmuls on RTX 40xx/H100 and "
                                                         "newer, elsewhere dequantised per layer."}),
             "device": (list(POLICIES), {"default": "auto", "tooltip": DEVICE_TOOLTIP}),
+        }, "optional": {
+            "engine": (["none", "auto", *engine_list()], {
+                "default": "none",
+                "tooltip": "none: run the DiT in PyTorch. auto: the TensorRT engine in models/tensorrt built from "
+                           "this diffusion model for this GPU (python -m kontext export-onnx, then build-engine; "
+                           "needs the tensorrt package). Or pick an engine file. An engine takes no LoRA or model "
+                           "patches and runs only the sizes it was built for."}),
         }}
 
     @classmethod
-    def IS_CHANGED(cls, dit_name, weight_dtype="auto", device="auto"):
-        return _changed("diffusion_models", dit_name)
+    def IS_CHANGED(cls, dit_name, weight_dtype="auto", device="auto", engine="none"):
+        changed = _changed("diffusion_models", dit_name)
+        if engine not in ("none", "auto"):
+            try:
+                changed += "||" + fingerprint(engine_path(engine))
+            except Exception:
+                changed += f"||missing:{engine}"
+        return changed
 
-    def load(self, dit_name: str, weight_dtype: str = "auto", device: str = "auto"):
+    def load(self, dit_name: str, weight_dtype: str = "auto", device: str = "auto", engine: str = "none"):
         from kontext.flux_loader import load_dit
         from kontext.precision import resolve
 
         path = model_path("diffusion_models", dit_name, "diffusion model")
+        if engine != "none":
+            return (self._engine(path, weight_dtype, device, engine),)
         # auto: the file's own format (an fp8 file stays fp8), computing in ComfyUI's dtype for the device.
         prec = resolve(weight_dtype, compute_dtype(device, "dit"), torch.device("cpu"), name="weight_dtype")
 
@@ -81,6 +98,31 @@ class KontextModelLoader:
             return model_for(dit, device)
 
         return (cached("dit", (path,), (weight_dtype, str(prec.compute), device), load),)
+
+    @staticmethod
+    def _engine(path, weight_dtype: str, device: str, engine: str):
+        from kontext.flux_loader import load_dit
+        from kontext.errors import KontextError
+
+        if device == "cpu":
+            raise InputError("a TensorRT engine runs on an NVIDIA GPU: set device to auto or offload, or engine to "
+                             "none")
+        precision = None if weight_dtype == "auto" else weight_dtype
+        places = engine_dirs() if engine == "auto" else [engine_path(engine)]
+
+        def load():
+            reasons = []
+            for place in places:
+                try:
+                    dit = load_dit(path, precision=precision, backend="tensorrt", engine=place)
+                except KontextError as exc:  # another folder may hold the right engine
+                    reasons.append(str(exc))
+                    continue
+                return model_for(dit, device)
+            raise InputError(" | ".join(reasons) or "no engine folder (models/tensorrt) exists yet")
+
+        existing = tuple(p for p in places if p.exists())
+        return cached("dit", (path, *existing), ("tensorrt", engine, weight_dtype, device), load)
 
 
 class KontextTextEncoderLoader:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 
 from .host import comfy, model_list, model_path
+from kontext.errors import InputError
+
 from .model import StandaloneModel, kontext_dit
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class KontextLoraLoader:
         from kontext.lora.formats import read_lora
 
         dit = kontext_dit(model)
+        if getattr(dit, "backend", "torch") == "tensorrt":
+            from kontext.tensorrt.runtime import LORA_REFUSED
+
+            raise InputError(LORA_REFUSED)
         path = model_path("loras", lora_name, "LoRA")
         check_loras([(path, strength)])
         lora = read_lora(path, dit.config)

@@ -31,16 +31,16 @@ ort = pytest.importorskip("onnxruntime", reason="the export tests need onnxrunti
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install -e '.[test]')")
 
 from kontext.tensorrt.export import INPUTS, OUTPUT, example_inputs, export_onnx, read_metadata  # noqa: E402
-from kontext.tensorrt.runtime import LORA_REFUSED, onnx_engine  # noqa: E402
+from kontext.tensorrt.runtime import onnx_engine  # noqa: E402
 
 SMALL = [Profile("test", (40, 64, 200), (1, 1, 2))]  # tiny token counts keep onnxruntime fast
 TOL = 1e-4
 
 
-def inputs(dit, tokens: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def inputs(dit, tokens: int, batch: int, seed: int = 0, text: int = 512) -> tuple[torch.Tensor, ...]:
     """Random BFL inputs with real-looking ids (index 0/1, rows and columns up to 24)."""
     g = torch.Generator().manual_seed(seed)
-    x = list(example_inputs(dit, tokens, batch))
+    x = list(example_inputs(dit, tokens, batch, text))
     x[0] = torch.randn(x[0].shape, generator=g)
     x[1] = torch.randint(0, 25, (batch, tokens, 3), generator=g).float()
     x[1][..., 0] = (x[1][..., 0] > 12).float()
@@ -68,8 +68,8 @@ def exported(tiny_models, tmp_path_factory):
 def test_onnx_graph_matches_pytorch_at_several_token_counts(exported, precision):
     dits, paths = exported
     dit, session = dits[precision], ort.InferenceSession(str(paths[precision]))
-    for tokens, batch in ((40, 1), (77, 2), (200, 2)):
-        x = inputs(dit, tokens, batch, seed=tokens)
+    for tokens, batch, text in ((40, 1, 512), (77, 2, 256), (200, 2, 512)):  # 256: ComfyUI's T5 length
+        x = inputs(dit, tokens, batch, seed=tokens, text=text)
         with torch.no_grad():
             ref = dit(*x)
         got = run_onnx(session, x)
@@ -98,7 +98,7 @@ def test_graph_interface_and_no_float64(exported):
     assert [i.name for i in g.input] == list(INPUTS) and [o.name for o in g.output] == [OUTPUT]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
     assert dims["img"][1] == dims["img_ids"][1] and isinstance(dims["img"][1], str)  # one dynamic token axis
-    assert dims["txt"][1:] == [512, 64] and dims["txt_ids"][1:] == [512, 3]
+    assert dims["txt"][2] == 64 and dims["txt"][1] == dims["txt_ids"][1] and isinstance(dims["txt"][1], str)
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in g.input)
     double = onnx.TensorProto.DOUBLE
     assert all(t.data_type != double for t in g.initializer)
@@ -205,8 +205,9 @@ def test_shapes_outside_the_profiles_are_refused_with_the_bounds():
         choose(profiles, 1, 4096, 512)  # no reference
     with pytest.raises(InputError, match="batch 1..2"):
         choose(profiles, 3, 8192, 512)
-    with pytest.raises(InputError, match="512 text tokens"):
+    with pytest.raises(InputError, match="77 text tokens.*256..512 text tokens"):
         choose(profiles, 1, 8192, 77)
+    assert choose(profiles, 1, 8192, 256) == 0  # ComfyUI's T5 conditioning
 
 
 def test_input_shapes_follow_the_profile():
@@ -214,7 +215,8 @@ def test_input_shapes_follow_the_profile():
     shapes = input_shapes(kontext_profiles()[0], config)
     assert set(shapes) == set(INPUTS)
     assert shapes["img"] == ((1, 8084, 64), (1, 8192, 64), (2, 8300, 64))
-    assert shapes["txt"][2] == (2, 512, 4096) and shapes["y"][0] == (1, 768) and shapes["guidance"][1] == (1,)
+    assert shapes["txt"] == ((1, 256, 4096), (1, 512, 4096), (2, 512, 4096))
+    assert shapes["y"][0] == (1, 768) and shapes["guidance"][1] == (1,)
 
 
 # --------------------------------------------------------------------------------------------- sidecar, cache
@@ -376,3 +378,66 @@ def test_engine_build_and_run_on_the_gpu(exported, tiny_models, tmp_path):
         ref = dits["fp32"](*x)
     got = engine(*[t.cuda() for t in x]).cpu()
     assert rel_err(got, ref) <= 1e-3  # TensorRT may pick TF32 kernels for fp32
+
+
+# --------------------------------------------------------------------------------------------- the node pack
+
+
+@pytest.fixture()
+def pack(tiny_models, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import nodes
+    from nodes import host
+
+    models = tiny_models["vae"].parents[1]
+    monkeypatch.setenv(host.MODELS_ENV, str(models))
+    monkeypatch.setenv("KONTEXT_TOKENIZERS", str(models / "tokenizers"))
+    return nodes, host, models
+
+
+def test_engine_model_in_the_kontext_nodes_matches_the_pytorch_model(pack, exported):
+    nodes, _, _ = pack
+    from nodes.model import StandaloneModel
+
+    M = nodes.NODE_CLASS_MAPPINGS
+    dits, paths = exported
+    te, = M["KontextTextEncoderLoader"]().load("clip_l-tiny.safetensors", "t5xxl-tiny.safetensors", "cpu")
+    vae, = M["KontextVAELoader"]().load("ae-tiny.safetensors", "cpu")
+    image = torch.rand(1, 96, 80, 3, generator=torch.Generator().manual_seed(0))
+    cond, = M["KontextTextEncode"]().encode(te, "make it night", 2.5)
+    cond, _ = M["KontextReferenceImage"]().add(cond, vae, image, "keep", "offset")  # 30 + 30 image tokens
+    args = dict(seed=4, steps=3, guidance=0.0, true_cfg=1.0, width=0, height=0, denoise=1.0)
+    out = {}
+    for who, dit in (("torch", dits["fp32"]), ("engine", onnx_engine(paths["fp32"]))):
+        out[who], = M["KontextSampler"]().sample(StandaloneModel(dit, torch.device("cpu")), cond, **args)
+    assert rel_err(out["engine"]["samples"], out["torch"]["samples"]) <= TOL
+    with pytest.raises(InputError, match="LoRAs cannot"):
+        M["KontextLoraLoader"]().apply(StandaloneModel(onnx_engine(paths["fp32"]), torch.device("cpu")),
+                                       "whatever.safetensors", 1.0)
+
+
+def test_loader_node_lists_engines_and_checks_the_request(pack):
+    import shutil
+
+    nodes, host, models = pack
+    loader = nodes.NODE_CLASS_MAPPINGS["KontextModelLoader"]
+    engine_info.save(info(), b"plan", models / "tensorrt")
+    try:
+        _check_loader(loader, models)
+    finally:  # the tiny models folder is shared by the session's other tests
+        shutil.rmtree(models / "tensorrt")
+
+
+def _check_loader(loader, models) -> None:
+    (models / "tensorrt" / "orphan.plan").write_bytes(b"no sidecar")  # not an engine of ours: not listed
+    choices = loader.INPUT_TYPES()["optional"]["engine"][0]
+    assert choices == ["none", "auto", f"{info().key()}.plan"]
+    with pytest.raises(InputError, match="runs on an NVIDIA GPU"):
+        loader().load("kontext-tiny.safetensors", "auto", "cpu", engine="auto")
+    with pytest.raises(InputError, match="not a path"):
+        loader().load("kontext-tiny.safetensors", "auto", "auto", engine="../x.plan")
+    if not _has_tensorrt():
+        with pytest.raises(InputError, match="pip install tensorrt"):
+            loader().load("kontext-tiny.safetensors", "auto", "auto", engine="auto")

@@ -1,8 +1,9 @@
 """ONNX export of the DiT through the denoiser seam: BFL's tensors in, every image token's prediction out.
 
 The graph is the function `kontext.denoiser.Denoiser` calls per step: inputs `img` [B, N, 64] (target, then reference
-tokens), `img_ids` [B, N, 3], `txt` [B, 512, 4096], `txt_ids` [B, 512, 3], `timesteps` [B], `y` [B, 768],
-`guidance` [B], all float32; output `pred` [B, N, 64] float32. N and B are dynamic (kontext.tensorrt.profiles).
+tokens), `img_ids` [B, N, 3], `txt` [B, L, 4096], `txt_ids` [B, L, 3], `timesteps` [B], `y` [B, 768],
+`guidance` [B], all float32; output `pred` [B, N, 64] float32. N, L (512 here, 256 and up in ComfyUI) and B are
+dynamic (kontext.tensorrt.profiles).
 Nothing float64 is left in it: the RoPE angles are ids x frequencies in float32, the frequencies computed in float64
 at export and stored rounded (the angles differ from the float64 ones by about 1e-5 rad at the largest ids, far
 under bf16's resolution). Quantised layers become DequantizeLinear nodes on their stored weights
@@ -91,12 +92,12 @@ class Exported:
     precision: str
 
 
-def example_inputs(dit: FluxDiT, tokens: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
+def example_inputs(dit: FluxDiT, tokens: int, batch: int = 2, text: int = TEXT_TOKENS) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; batch 2, as torch.export would fix an axis of size 1 to 1."""
     c = dit.config
     g = torch.Generator().manual_seed(0)
     return (torch.randn(batch, tokens, c.in_channels, generator=g), torch.zeros(batch, tokens, 3),
-            torch.randn(batch, TEXT_TOKENS, c.context_in_dim, generator=g), torch.zeros(batch, TEXT_TOKENS, 3),
+            torch.randn(batch, text, c.context_in_dim, generator=g), torch.zeros(batch, text, 3),
             torch.full((batch,), 0.5), torch.randn(batch, c.vec_in_dim, generator=g), torch.full((batch,), 2.5))
 
 
@@ -121,20 +122,22 @@ def export_onnx(dit: FluxDiT, out: str | os.PathLike, *, profiles: list[Profile]
     precision = precision_of(dit)
     opset = OPSETS.get(precision, DEFAULT_OPSET)
     lo, hi = token_range(profiles)
-    max_batch = max(p.batch[2] for p in profiles)
+    text_lo, text_hi = token_range(profiles, "text")
     from torch.export import Dim
 
-    batch, tokens = Dim("batch", min=1, max=max(2, max_batch)), Dim("tokens", min=lo, max=hi)
+    batch = Dim("batch", min=1, max=max(2, token_range(profiles, "batch")[1]))
+    tokens, text = Dim("tokens", min=lo, max=hi), Dim("text", min=text_lo, max=text_hi)
     per_batch = {0: batch}
-    shapes = {"img": {0: batch, 1: tokens}, "img_ids": {0: batch, 1: tokens}, "txt": per_batch,
-              "txt_ids": per_batch, "timesteps": per_batch, "y": per_batch, "guidance": per_batch}
+    shapes = {"img": {0: batch, 1: tokens}, "img_ids": {0: batch, 1: tokens}, "txt": {0: batch, 1: text},
+              "txt_ids": {0: batch, 1: text}, "timesteps": per_batch, "y": per_batch, "guidance": per_batch}
     model = ExportedDiT(dit).eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     start = time.perf_counter()
     with torch.inference_mode(False), torch.no_grad(), _quiet():
-        program = torch.onnx.export(model, example_inputs(dit, (lo + hi) // 2), None, input_names=list(INPUTS),
-                                    output_names=[OUTPUT], dynamic_shapes=shapes, dynamo=True, opset_version=opset,
+        example = example_inputs(dit, (lo + hi) // 2, 2, (text_lo + text_hi) // 2)
+        program = torch.onnx.export(model, example, None, input_names=list(INPUTS), output_names=[OUTPUT],
+                                    dynamic_shapes=shapes, dynamo=True, opset_version=opset,
                                     custom_translation_table=qdq.translations(opset), verbose=False)
     program.model.metadata_props.update(metadata(dit, precision, profiles, source, opset))
     _save(program, out, data, external)

@@ -2,7 +2,9 @@
 
 An edit's image tokens are the target's followed by every reference's, 16x16 pixels a token. The export and the
 engine's optimisation profiles cover the target plus one or two references at any of Kontext's 17 preferred
-resolutions (about one megapixel each: 3,888 to 4,128 tokens an image); the text is always T5's 512 tokens.
+resolutions (about one megapixel each: 4,042 to 4,150 tokens an image). The text is T5's 512 tokens in our
+pipeline and diffusers'; ComfyUI pads T5 prompts to 256 tokens only (longer ones run longer), so the text axis is
+dynamic too, 256 to 512 tokens, optimised for 512.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from ..errors import InputError
 from ..references import PREFERRED_RESOLUTIONS
 
 TEXT_TOKENS = 512
+TEXT_RANGE = (256, 512, 512)  # min, opt, max: ComfyUI's shortest T5 conditioning to ours
 PIXELS_PER_TOKEN = 16  # 8x VAE downsampling, then 2x2 patches
 
 
@@ -21,23 +24,27 @@ def image_tokens(width: int, height: int) -> int:
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimisation profile: min / opt / max of the image-token count and of the batch."""
+    """One optimisation profile: min / opt / max of the image-token count, of the batch and of the text length."""
     name: str
     tokens: tuple[int, int, int]
     batch: tuple[int, int, int]
+    text: tuple[int, int, int] = TEXT_RANGE
 
-    def covers(self, batch: int, tokens: int) -> bool:
-        return self.tokens[0] <= tokens <= self.tokens[2] and self.batch[0] <= batch <= self.batch[2]
+    def covers(self, batch: int, tokens: int, text: int) -> bool:
+        return (self.tokens[0] <= tokens <= self.tokens[2] and self.batch[0] <= batch <= self.batch[2]
+                and self.text[0] <= text <= self.text[2])
 
     def describe(self) -> str:
-        return f"{self.name}: {self.tokens[0]}..{self.tokens[2]} image tokens, batch {self.batch[0]}..{self.batch[2]}"
+        return (f"{self.name}: {self.tokens[0]}..{self.tokens[2]} image tokens, batch {self.batch[0]}.."
+                f"{self.batch[2]}, {self.text[0]}..{self.text[2]} text tokens")
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Profile":
-        return cls(str(d["name"]), tuple(int(v) for v in d["tokens"]), tuple(int(v) for v in d["batch"]))
+        return cls(str(d["name"]), tuple(int(v) for v in d["tokens"]), tuple(int(v) for v in d["batch"]),
+                   tuple(int(v) for v in d.get("text", TEXT_RANGE)))
 
 
 def kontext_profiles(max_references: int = 2, max_batch: int = 2) -> list[Profile]:
@@ -51,31 +58,30 @@ def kontext_profiles(max_references: int = 2, max_batch: int = 2) -> list[Profil
                     (1, 1, max_batch)) for n in range(1, max_references + 1)]
 
 
-def token_range(profiles: list[Profile]) -> tuple[int, int]:
-    """The smallest and largest image-token count any profile serves (the export's dynamic-axis bounds)."""
-    return min(p.tokens[0] for p in profiles), max(p.tokens[2] for p in profiles)
+def token_range(profiles: list[Profile], axis: str = "tokens") -> tuple[int, int]:
+    """The smallest and largest image-token count (or batch, or text length) any profile serves: the export's
+    dynamic-axis bounds."""
+    return min(getattr(p, axis)[0] for p in profiles), max(getattr(p, axis)[2] for p in profiles)
 
 
 def choose(profiles: list[Profile], batch: int, tokens: int, text: int) -> int:
     """The index of the profile serving a call, the tightest one when several do; else an InputError naming every
     profile's bounds (an engine never runs a shape it was not built for)."""
-    if text != TEXT_TOKENS:
-        raise InputError(f"this engine takes exactly {TEXT_TOKENS} text tokens (T5's padded prompt), got {text}")
-    fits = [i for i, p in enumerate(profiles) if p.covers(batch, tokens)]
+    fits = [i for i, p in enumerate(profiles) if p.covers(batch, tokens, text)]
     if not fits:
         bounds = "; ".join(p.describe() for p in profiles)
-        raise InputError(f"{tokens} image tokens at batch {batch} are outside this engine's profiles ({bounds}). "
-                         "Use a preferred Kontext resolution (the default resize does), fewer references, or "
-                         "build an engine with wider profiles")
+        raise InputError(f"{tokens} image tokens with {text} text tokens at batch {batch} are outside this engine's "
+                         f"profiles ({bounds}). Use a preferred Kontext resolution (the default resize does), fewer "
+                         "references, a shorter prompt, or build an engine with wider profiles")
     return min(fits, key=lambda i: profiles[i].tokens[2] - profiles[i].tokens[0])
 
 
 def input_shapes(profile: Profile, config) -> dict[str, tuple[tuple[int, ...], ...]]:
     """(min, opt, max) shape of every graph input under `profile`, for the engine build."""
     def shapes(make):
-        return tuple(make(b, n) for b, n in zip(profile.batch, profile.tokens))
+        return tuple(make(b, n, t) for b, n, t in zip(profile.batch, profile.tokens, profile.text))
 
-    return {"img": shapes(lambda b, n: (b, n, config.in_channels)), "img_ids": shapes(lambda b, n: (b, n, 3)),
-            "txt": shapes(lambda b, n: (b, TEXT_TOKENS, config.context_in_dim)),
-            "txt_ids": shapes(lambda b, n: (b, TEXT_TOKENS, 3)), "timesteps": shapes(lambda b, n: (b,)),
-            "y": shapes(lambda b, n: (b, config.vec_in_dim)), "guidance": shapes(lambda b, n: (b,))}
+    return {"img": shapes(lambda b, n, t: (b, n, config.in_channels)), "img_ids": shapes(lambda b, n, t: (b, n, 3)),
+            "txt": shapes(lambda b, n, t: (b, t, config.context_in_dim)),
+            "txt_ids": shapes(lambda b, n, t: (b, t, 3)), "timesteps": shapes(lambda b, n, t: (b,)),
+            "y": shapes(lambda b, n, t: (b, config.vec_in_dim)), "guidance": shapes(lambda b, n, t: (b,))}
