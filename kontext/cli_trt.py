@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -65,7 +64,7 @@ def run_export(args) -> int:
     t0 = time.perf_counter()
     dit = load_dit(args.dit, device="cpu", dtype=dtype, precision=args.precision, loras=loras)
     done = export_onnx(dit, out, profiles=profiles, source=args.dit if args.dit.is_file() else None,
-                       overwrite=args.overwrite)
+                       loras=loras, overwrite=args.overwrite)
     data = f" + {done.data_path.name}" if done.data_path else ""
     print(f"wrote {out}{data} ({done.precision}, opset {done.opset}, {done.bytes / 1e9:.2f} GB) in "
           f"{time.perf_counter() - t0:.0f}s (export {done.seconds:.0f}s)")

@@ -160,7 +160,8 @@ for name in ("torch", "torchvision"):
         pass
 PY
 say "installing ComfyUI's requirements"
-"${pip[@]}" install -q -r "$requirements" -r "$project/requirements.txt" requests \
+# onnx + onnxruntime: in tests/test_comfyui_engine.py onnxruntime stands in for a TensorRT engine under KSampler.
+"${pip[@]}" install -q -r "$requirements" -r "$project/requirements.txt" requests onnx onnxruntime \
     -c "$venv/torch-constraints.txt" >&2
 
 # --- a check that the server starts ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ onnx = pytest.importorskip("onnx", reason="the export tests need onnx (pip insta
 ort = pytest.importorskip("onnxruntime", reason="the export tests need onnxruntime (pip install -e '.[test]')")
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install -e '.[test]')")
 
+from kontext.tensorrt import export  # noqa: E402
 from kontext.tensorrt.export import INPUTS, OUTPUT, example_inputs, export_onnx, read_metadata  # noqa: E402
 from kontext.tensorrt.runtime import onnx_engine  # noqa: E402
 
@@ -60,7 +61,14 @@ def exported(tiny_models, tmp_path_factory):
             "fp8": kontext.load_dit(tiny_models["dit_fp8"], dtype=torch.float32),
             "fp4": kontext.load_dit(tiny_models["dit"], precision="fp4", dtype=torch.float32)}
     sources = {"fp32": tiny_models["dit"], "fp8": tiny_models["dit_fp8"], "fp4": tiny_models["dit"]}
-    paths = {k: export_onnx(d, out / f"{k}.onnx", profiles=SMALL, source=sources[k]).path for k, d in dits.items()}
+    paths = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, d in dits.items():
+            # The fp8 graph takes the path of a model over 2 GB: its weights in a .data file beside it.
+            mp.setattr(export, "EXTERNAL_DATA_BYTES", 0 if k == "fp8" else 2**31)
+            done = export_onnx(d, out / f"{k}.onnx", profiles=SMALL, source=sources[k])
+            assert (done.data_path is not None) == (k == "fp8") and done.bytes > 0
+            paths[k] = done.path
     return dits, paths
 
 
@@ -233,7 +241,8 @@ def test_sidecar_round_trip_and_cache_key():
     assert EngineInfo.from_json(a.to_json()) == a
     assert a.flux_config() == kontext.FluxConfig.tiny()
     changes = [dict(source_sha256="cd" * 32), dict(precision="fp8"), dict(tensorrt_version="10.10.0"),
-               dict(gpu="NVIDIA H200"), dict(profiles=kontext_profiles())]
+               dict(gpu="NVIDIA H200"), dict(profiles=kontext_profiles()),
+               dict(extra={"loras": [{"name": "style.safetensors", "sha256": "ee" * 32, "strength": 0.8}]})]
     keys = {a.key(), *(info(**c).key() for c in changes)}
     assert len(keys) == 1 + len(changes)  # every field an engine must match is in the key
 
@@ -250,6 +259,26 @@ def test_engine_cache_selects_what_runs_here_and_says_why_not(tmp_path):
     with pytest.raises(InputError, match="fp8 was asked for"):
         engine_info.select(tmp_path, precision="fp8", **here)
     assert engine_info.select(plan, **here)[1] == info()  # the .plan itself
+
+
+def test_an_engine_without_baked_loras_is_preferred(tmp_path):
+    baked = info(extra={"loras": [{"name": "style.safetensors", "sha256": "ee" * 32, "strength": 0.8}]})
+    engine_info.save(baked, b"baked", tmp_path)
+    here = dict(tensorrt_version="10.9.0", gpu="NVIDIA H100 80GB HBM3")
+    assert engine_info.select(tmp_path, **here)[1] == baked  # the only one
+    engine_info.save(info(), b"plain", tmp_path)
+    assert engine_info.select(tmp_path, **here)[1] == info()
+
+
+def test_export_records_merged_loras(tiny_models):
+    from kontext.tensorrt.export import metadata
+
+    dit = kontext.load_dit(tiny_models["dit"], precision="fp32")
+    meta = metadata(dit, "fp32", SMALL, tiny_models["dit"], 21, [(tiny_models["dit"], 0.5)])
+    (lora,) = json.loads(meta["kontext.loras"])
+    assert lora == {"name": tiny_models["dit"].name, "sha256": engine_info.file_sha256(tiny_models["dit"]),
+                    "strength": 0.5}
+    assert "kontext.loras" not in metadata(dit, "fp32", SMALL, None, 21)
 
 
 def test_stale_engine_is_refused(tmp_path):
@@ -336,6 +365,23 @@ def test_whole_sampling_loop_on_the_engine(exported):
         want = sample_latent(dits["fp32"], txt, pooled, **kw)
     got = sample_latent(onnx_engine(paths["fp32"]), txt, pooled, **kw)
     assert rel_err(got, want) <= TOL
+
+
+def test_pipeline_edit_on_the_engine(exported, tiny_models):
+    from PIL import Image
+
+    from kontext.pipeline import KontextPipeline
+
+    dits, paths = exported
+    pipe = KontextPipeline.from_models_dir(tiny_models["dit"].parents[1], device="cpu", precision="fp32")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8))
+    kw = dict(seed=5, steps=3, resize_references=False)  # 96x80: 30 target + 30 reference tokens
+    want = np.asarray(pipe.edit("make it night", [image], **kw)[0], dtype=np.int16)
+    pipe.dit = pipe.base_dit = onnx_engine(paths["fp32"])
+    got = np.asarray(pipe.edit("make it night", [image], **kw)[0], dtype=np.int16)
+    assert np.abs(got - want).max() <= 1  # one rounding step of the 8-bit output either way
+    with pytest.raises(InputError, match="LoRAs cannot"):
+        pipe.set_loras([(tiny_models["dit"], 1.0)])
 
 
 def test_load_dit_tensorrt_requests_are_checked(tiny_models, tmp_path):
@@ -441,3 +487,28 @@ def _check_loader(loader, models) -> None:
     if not _has_tensorrt():
         with pytest.raises(InputError, match="pip install tensorrt"):
             loader().load("kontext-tiny.safetensors", "auto", "auto", engine="auto")
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def test_command_line_checks_before_loading(tiny_models, tmp_path, capsys):
+    from kontext.cli import main
+
+    taken = tmp_path / "taken.onnx"
+    taken.write_bytes(b"keep me")
+    dit = str(tiny_models["dit"])
+    image = str(Path(__file__).resolve().parents[1] / "docs" / "example.png")
+    cases = [(["export-onnx", "--dit", dit, "--out", str(taken)], "exists"),
+             (["export-onnx", "--dit", dit, "--out", str(tmp_path / "x.txt")], "must be a .onnx"),
+             (["export-onnx", "--dit", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "y.onnx")],
+              "no such file"),
+             (["build-engine", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path)], "no such ONNX"),
+             (["edit", "--tiny", "--image", image, "--prompt", "p", "--out", str(tmp_path / "o.png"),
+               "--engine", str(tmp_path)], "--engine runs with --backend tensorrt"),
+             (["edit", "--tiny", "--image", image, "--prompt", "p", "--out", str(tmp_path / "o.png"),
+               "--backend", "tensorrt"], "needs --engine")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert taken.read_bytes() == b"keep me"

@@ -51,7 +51,8 @@ def engine_info_for(onnx_path: str | os.PathLike, tensorrt_version: str, gpu: st
         source_sha256=meta.get("source_sha256", ""), precision=meta["precision"], config=json.loads(meta["config"]),
         profiles=[Profile.from_json(p) for p in json.loads(meta["profiles"])], tensorrt_version=tensorrt_version,
         gpu=gpu, source_name=meta.get("source_name", ""), refittable=refittable,
-        extra={k: int(meta[k]) for k in ("source_size", "source_mtime_ns") if k in meta})
+        extra={**{k: int(meta[k]) for k in ("source_size", "source_mtime_ns") if k in meta},
+               **({"loras": json.loads(meta["loras"])} if "loras" in meta else {})})
 
 
 def build_engine(onnx_path: str | os.PathLike, out_dir: str | os.PathLike, *, refittable: bool = False,

@@ -38,7 +38,8 @@ class EngineInfo:
     def key(self) -> str:
         """The cache key: everything an engine must match to run."""
         parts = [self.source_sha256, self.precision, json.dumps(self.config, sort_keys=True),
-                 json.dumps([p.to_json() for p in self.profiles]), self.tensorrt_version, self.gpu]
+                 json.dumps([p.to_json() for p in self.profiles]), self.tensorrt_version, self.gpu,
+                 json.dumps(self.extra.get("loras", []), sort_keys=True)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def flux_config(self) -> FluxConfig:
@@ -146,8 +147,9 @@ def mismatches(info: EngineInfo, *, tensorrt_version: str, gpu: str, source_sha2
 def select(location: str | os.PathLike, *, tensorrt_version: str, gpu: str,
            source: str | os.PathLike | None = None, precision: str | None = None) -> tuple[Path, EngineInfo]:
     """The engine of `location` that can run here, else an InputError listing each engine and why not. With
-    `source`, the DiT file the engine should come from, an engine exported from another file is stale."""
-    found = entries(location)
+    `source`, the DiT file the engine should come from, an engine exported from another file is stale. Engines
+    without LoRAs baked in are preferred (one with LoRAs is used when it is the only one, or given as a file)."""
+    found = sorted(entries(location), key=lambda e: bool(e[1].extra.get("loras")))
     reasons = []
     hashes: dict[str, str] = {}
     for plan, info in found:

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,10 +111,13 @@ def precision_of(dit: FluxDiT) -> str:
 
 
 def export_onnx(dit: FluxDiT, out: str | os.PathLike, *, profiles: list[Profile] | None = None,
-                source: str | os.PathLike | None = None, overwrite: bool = False) -> Exported:
+                source: str | os.PathLike | None = None, loras: Sequence[tuple] = (),
+                overwrite: bool = False) -> Exported:
     """Write the DiT's ONNX graph to `out` (weights to `out` + ".data" past 2 GB), with its precision, config,
     profiles and `source` (the DiT file it was loaded from: its SHA-256, name, size, time) in the metadata for
-    `build-engine`. `out` is never overwritten unless asked, and appears only once completely written."""
+    `build-engine`. `loras` [(file, strength)] names the LoRAs merged into `dit`, for the record (an engine with
+    LoRAs baked in is told apart from the plain one). `out` is never overwritten unless asked, and appears only
+    once completely written."""
     out = Path(out).expanduser()
     data = out.with_name(out.name + ".data")
     check_output(out, data, overwrite)
@@ -139,7 +142,7 @@ def export_onnx(dit: FluxDiT, out: str | os.PathLike, *, profiles: list[Profile]
         program = torch.onnx.export(model, example, None, input_names=list(INPUTS), output_names=[OUTPUT],
                                     dynamic_shapes=shapes, dynamo=True, opset_version=opset,
                                     custom_translation_table=qdq.translations(opset), verbose=False)
-    program.model.metadata_props.update(metadata(dit, precision, profiles, source, opset))
+    program.model.metadata_props.update(metadata(dit, precision, profiles, source, opset, loras))
     _save(program, out, data, external)
     seconds = time.perf_counter() - start
     size = out.stat().st_size + (data.stat().st_size if external else 0)
@@ -177,7 +180,7 @@ def check_output(out: Path, data: Path, overwrite: bool) -> None:
 
 
 def metadata(dit: FluxDiT, precision: str, profiles: list[Profile], source: str | os.PathLike | None,
-             opset: int) -> dict:
+             opset: int, loras: Sequence[tuple] = ()) -> dict:
     from .. import __version__
     from .engine_info import file_sha256, source_identity
 
@@ -186,6 +189,9 @@ def metadata(dit: FluxDiT, precision: str, profiles: list[Profile], source: str 
     if source is not None:
         meta["source_sha256"] = file_sha256(source)
         meta.update({k: str(v) for k, v in source_identity(source).items()})
+    if loras:
+        meta["loras"] = json.dumps([{"name": os.path.basename(p), "sha256": file_sha256(p), "strength": float(w)}
+                                    for p, w in loras])
     return {META_PREFIX + k: v for k, v in meta.items()}
 
 

@@ -152,6 +152,9 @@ def load_engine(location: str | os.PathLike, *, source: str | os.PathLike | None
                                     precision=precision)
     log.info("TensorRT engine %s: %s, profiles %s", plan, info.precision,
              "; ".join(p.describe() for p in info.profiles))
+    if info.extra.get("loras"):
+        log.warning("TensorRT engine %s has LoRAs merged into it: %s", plan.name,
+                    ", ".join(f"{lo['name']} x {lo['strength']:g}" for lo in info.extra["loras"]))
     return EngineDiT(TensorRTExecutor(plan), info, str(plan))
 
 
