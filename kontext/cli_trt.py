@@ -11,9 +11,9 @@ from pathlib import Path
 
 def add_export(sub, user_path) -> None:
     p = sub.add_parser("export-onnx", help="export the DiT as an ONNX graph for TensorRT",
-                       description="Export the DiT (Kontext's dynamic token axis: the target plus one or two "
-                                   "references at every preferred resolution, 512 text tokens) as ONNX, weights "
-                                   "beside it past 2 GB, fp8/fp4 weights as DequantizeLinear nodes.")
+                       description="Export the DiT (Kontext's dynamic token axis: the target alone or with one or "
+                                   "two references at every preferred resolution; 256 to 512 text tokens) as ONNX, "
+                                   "weights beside it past 2 GB, fp8/fp4 weights as DequantizeLinear nodes.")
     p.add_argument("--dit", type=user_path, required=True, help="the DiT file (any layout `edit --dit` reads)")
     p.add_argument("--out", type=user_path, required=True, help="the .onnx file to write")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32", "fp8", "fp4"), default=None,

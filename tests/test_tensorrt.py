@@ -195,32 +195,33 @@ def test_export_refuses_to_overwrite(exported, tiny_models):
 # --------------------------------------------------------------------------------------------- profiles
 
 
-def test_kontext_profiles_cover_every_preferred_resolution_with_one_or_two_references():
+def test_kontext_profiles_cover_every_preferred_resolution_with_up_to_two_references():
     profiles = kontext_profiles()
     sizes = [image_tokens(w, h) for w, h in PREFERRED_RESOLUTIONS]
     assert image_tokens(1024, 1024) == 4096
     for t in sizes:
+        assert profiles[choose(profiles, 2, t, 256)].name == "no reference"  # text to image, ComfyUI's negative
         for r1 in sizes:
             assert profiles[choose(profiles, 1, t + r1, 512)].name == "1 reference"
             for r2 in sizes:
                 assert profiles[choose(profiles, 2, t + r1 + r2, 512)].name == "2 references"
-    assert profiles[0].tokens[1] == 2 * 4096 and profiles[1].tokens[1] == 3 * 4096
+    assert [p.tokens[1] for p in profiles] == [4096, 2 * 4096, 3 * 4096]
 
 
 def test_shapes_outside_the_profiles_are_refused_with_the_bounds():
     profiles = kontext_profiles()
-    with pytest.raises(InputError, match=r"8084\.\.8300 image tokens.*12126\.\.12450"):
-        choose(profiles, 1, 4096, 512)  # no reference
+    with pytest.raises(InputError, match=r"4042\.\.4150 image tokens.*8084\.\.8300 image tokens.*12126\.\.12450"):
+        choose(profiles, 1, 1024, 512)  # a 512x512 output
     with pytest.raises(InputError, match="batch 1..2"):
         choose(profiles, 3, 8192, 512)
     with pytest.raises(InputError, match="77 text tokens.*256..512 text tokens"):
         choose(profiles, 1, 8192, 77)
-    assert choose(profiles, 1, 8192, 256) == 0  # ComfyUI's T5 conditioning
+    assert choose(profiles, 1, 8192, 256) == 1  # ComfyUI's T5 conditioning
 
 
 def test_input_shapes_follow_the_profile():
     config = kontext.FluxConfig.kontext_dev()
-    shapes = input_shapes(kontext_profiles()[0], config)
+    shapes = input_shapes(kontext_profiles()[1], config)
     assert set(shapes) == set(INPUTS)
     assert shapes["img"] == ((1, 8084, 64), (1, 8192, 64), (2, 8300, 64))
     assert shapes["txt"] == ((1, 256, 4096), (1, 512, 4096), (2, 512, 4096))

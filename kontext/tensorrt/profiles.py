@@ -1,7 +1,7 @@
 """The shapes an exported Kontext DiT must serve: one dynamic image-token axis and a batch axis.
 
 An edit's image tokens are the target's followed by every reference's, 16x16 pixels a token. The export and the
-engine's optimisation profiles cover the target plus one or two references at any of Kontext's 17 preferred
+engine's optimisation profiles cover the target alone or with one or two references at any of Kontext's 17 preferred
 resolutions (about one megapixel each: 4,042 to 4,150 tokens an image). The text is T5's 512 tokens in our
 pipeline and diffusers'; ComfyUI pads T5 prompts to 256 tokens only (longer ones run longer), so the text axis is
 dynamic too, 256 to 512 tokens, optimised for 512.
@@ -48,14 +48,16 @@ class Profile:
 
 
 def kontext_profiles(max_references: int = 2, max_batch: int = 2) -> list[Profile]:
-    """A profile per reference count 1..max_references: the target and every reference at any preferred
-    resolution, optimised for 1024x1024 ones. Batch 2 covers true CFG's negative prompt in one call."""
+    """A profile per reference count 0..max_references: the target and every reference at any preferred
+    resolution, optimised for 1024x1024 ones. No reference is text to image, and ComfyUI's negative conditioning
+    when it carries no reference latents. Batch 2 covers a positive and a negative prompt in one call."""
     if not 1 <= max_references <= 4 or not 1 <= max_batch <= 16:
         raise InputError(f"max_references must be 1..4 and max_batch 1..16, got {max_references} and {max_batch}")
     per_image = [image_tokens(w, h) for w, h in PREFERRED_RESOLUTIONS]
     lo, hi, opt = min(per_image), max(per_image), image_tokens(1024, 1024)
-    return [Profile(f"{n} reference{'s' if n > 1 else ''}", ((1 + n) * lo, (1 + n) * opt, (1 + n) * hi),
-                    (1, 1, max_batch)) for n in range(1, max_references + 1)]
+    names = {0: "no reference", 1: "1 reference"}
+    return [Profile(names.get(n, f"{n} references"), ((1 + n) * lo, (1 + n) * opt, (1 + n) * hi),
+                    (1, 1, max_batch)) for n in range(0, max_references + 1)]
 
 
 def token_range(profiles: list[Profile], axis: str = "tokens") -> tuple[int, int]:
