@@ -129,7 +129,7 @@ def engine_path(name: str) -> Path:
         if (d / rel).is_file():
             return d / rel
     raise InputError(f"engine {name!r} not found in models/{ENGINE_FOLDER}; build one with `python -m kontext "
-                     "build-engine --onnx MODEL.onnx --out <ComfyUI>/models/tensorrt`")
+                     "build-engine --onnx MODEL.onnx --comfyui <your ComfyUI folder>`")
 
 
 def fingerprint(path: Path) -> str:

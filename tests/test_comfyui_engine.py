@@ -11,38 +11,17 @@ angles in float32; see tests/test_tensorrt.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import textwrap
-from pathlib import Path
 
 import pytest
+from comfyui_script import COMFYUI_DIR, run_in_comfyui
 
 from kontext.config import FluxConfig
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
     not COMFYUI_DIR, reason="needs a real ComfyUI: set COMFYUI_DIR (tests/comfyui_env.sh builds one)")]
 pytest.importorskip("onnxscript", reason="the export needs onnxscript (pip install -e '.[test]')")
 
-SCRIPT = textwrap.dedent('''
-    import importlib.util, json, sys
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, COMFY)
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import torch
-    from safetensors.torch import load_file, save_file
-    import comfy.sd
-    from nodes import common_ksampler
-
-    spec = importlib.util.spec_from_file_location("kontext_pack", REPO + "/__init__.py",
-                                                  submodule_search_locations=[REPO])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["kontext_pack"] = pack
-    spec.loader.exec_module(pack)
-    from kontext_pack.nodes.placement import model_for
+SCRIPT = '''
     from kontext.tensorrt.runtime import onnx_engine
 
     theirs = comfy.sd.load_diffusion_model(WEIGHTS, model_options={"dtype": torch.float32})
@@ -69,7 +48,7 @@ SCRIPT = textwrap.dedent('''
     except Exception as exc:
         said["lora"] = f"{type(exc).__name__}: {exc}"
     save_file({k: v.float().contiguous() for k, v in out.items()}, OUT, metadata={"said": json.dumps(said)})
-''')
+'''
 
 
 def test_ksampler_on_an_engine_model_matches_comfyuis_model(tmp_path):
@@ -94,13 +73,9 @@ def test_ksampler_on_an_engine_model_matches_comfyuis_model(tmp_path):
     save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(3 * h, 4, generator=g),
                "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(4, h, generator=g)},
               tmp_path / "lora.safetensors")
-    python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR) / ".venv" / "bin" / "python")
-    paths = dict(COMFY=COMFYUI_DIR, REPO=str(REPO), WEIGHTS=str(weights), ONNX=str(onnx_path),
-                 IO=str(tmp_path / "io.safetensors"), LORA=str(tmp_path / "lora.safetensors"),
-                 OUT=str(tmp_path / "out.safetensors"))
-    script = "".join(f"{k} = {json.dumps(v)}\n" for k, v in paths.items()) + SCRIPT
-    run = subprocess.run([python, "-c", script], cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=1500)
-    assert run.returncode == 0, run.stderr[-4000:]
+    paths = dict(WEIGHTS=str(weights), ONNX=str(onnx_path), IO=str(tmp_path / "io.safetensors"),
+                 LORA=str(tmp_path / "lora.safetensors"), OUT=str(tmp_path / "out.safetensors"))
+    run_in_comfyui(SCRIPT, **paths)
     from safetensors import safe_open
 
     with safe_open(paths["OUT"], "pt") as f:

@@ -9,41 +9,18 @@ same float32 operations in slightly different orders).
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
+from comfyui_script import COMFYUI_DIR, run_in_comfyui
 from safetensors.torch import load_file
 
 from kontext.config import FluxConfig
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(
     not COMFYUI_DIR, reason="needs a real ComfyUI: set COMFYUI_DIR (tests/comfyui_env.sh builds one)")]
 
-SCRIPT = textwrap.dedent('''
-    import importlib.util, sys
-    sys.argv = [sys.argv[0], "--cpu"]
-    sys.path.insert(0, COMFY)
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import torch
-    from safetensors.torch import load_file, save_file
-    import comfy.model_management as mm
-    import comfy.sd
-    from nodes import common_ksampler  # ComfyUI's own KSampler
-
-    # The pack, imported the way ComfyUI imports a custom node folder (its name must not shadow ComfyUI's nodes).
-    spec = importlib.util.spec_from_file_location("kontext_pack", REPO + "/__init__.py",
-                                                  submodule_search_locations=[REPO])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["kontext_pack"] = pack
-    spec.loader.exec_module(pack)
-    from kontext_pack.nodes.placement import model_for
+SCRIPT = '''
     from kontext import load_dit
     from kontext.ops import dense_state_dict
 
@@ -120,7 +97,7 @@ SCRIPT = textwrap.dedent('''
     restored = all(torch.equal(fresh[k], v) for k, v in dit.state_dict().items())
     save_file({k: v.float().contiguous() for k, v in out.items()}, OUT,
               metadata={"lowvram_layers": str(lowvram), "restored": str(restored)})
-''')
+'''
 
 
 def _lora(path: Path, cfg: FluxConfig) -> None:
@@ -166,13 +143,9 @@ def test_ksampler_lora_and_lowvram_on_our_model_match_comfyuis(tmp_path):
     save_file({"ctx": torch.randn(1, 6, 4096, generator=g), "y": torch.randn(1, 768, generator=g),
                "r1": torch.randn(1, 16, 8, 10, generator=g), "r2": torch.randn(1, 16, 7, 5, generator=g)},
               tmp_path / "io.safetensors")
-    python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI_DIR) / ".venv" / "bin" / "python")
-    paths = dict(COMFY=COMFYUI_DIR, REPO=str(REPO), WEIGHTS=str(weights), IO=str(tmp_path / "io.safetensors"),
-                 LORA=str(tmp_path / "lora.safetensors"), LORA_DIFFUSERS=str(tmp_path / "lora_diffusers.safetensors"),
-                 OUT=str(tmp_path / "out.safetensors"))
-    script = "".join(f"{k} = {json.dumps(v)}\n" for k, v in paths.items()) + SCRIPT
-    run = subprocess.run([python, "-c", script], cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=1500)
-    assert run.returncode == 0, run.stderr[-4000:]
+    paths = dict(WEIGHTS=str(weights), IO=str(tmp_path / "io.safetensors"), LORA=str(tmp_path / "lora.safetensors"),
+                 LORA_DIFFUSERS=str(tmp_path / "lora_diffusers.safetensors"), OUT=str(tmp_path / "out.safetensors"))
+    run_in_comfyui(SCRIPT, **paths)
     from safetensors import safe_open
 
     with safe_open(paths["OUT"], "pt") as f:

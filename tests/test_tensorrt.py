@@ -505,6 +505,7 @@ def test_command_line_checks_before_loading(tiny_models, tmp_path, capsys):
              (["export-onnx", "--dit", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "y.onnx")],
               "no such file"),
              (["build-engine", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path)], "no such ONNX"),
+             (["build-engine", "--onnx", str(taken), "--comfyui", str(tmp_path)], "not a ComfyUI folder"),
              (["edit", "--tiny", "--image", image, "--prompt", "p", "--out", str(tmp_path / "o.png"),
                "--engine", str(tmp_path)], "--engine runs with --backend tensorrt"),
              (["edit", "--tiny", "--image", image, "--prompt", "p", "--out", str(tmp_path / "o.png"),

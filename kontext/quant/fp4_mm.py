@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nvfp4
+from .fused import Fused
 
 log = logging.getLogger(__name__)
 
@@ -118,29 +119,9 @@ def _quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return packed, tiled, scale
 
 
-_compiled = None
-
-
-def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_quantize_activation`, compiled once (dynamic in M) into fused kernels on CUDA; eager elsewhere and where
-    compiling fails (unfused, the quantisation would cost more than the matmul saves)."""
-    global _compiled
-    if not x.is_cuda:
-        return _quantize_activation(x)
-    if _compiled is None:
-        try:
-            _compiled = torch.compile(_quantize_activation, dynamic=True, fullgraph=True)
-        except Exception as exc:  # no compiler toolchain: stay correct, say why it is slower
-            log.warning("fp4: activation quantisation runs unfused (%s)", exc)
-            _compiled = _quantize_activation
-    try:
-        return _compiled(x)
-    except torch.OutOfMemoryError:  # a full GPU, not a compiler failure: keep the fused kernels
-        raise
-    except Exception as exc:
-        log.warning("fp4: compiled activation quantisation failed, running it unfused (%s)", exc)
-        _compiled = _quantize_activation
-        return _quantize_activation(x)
+# `_quantize_activation` compiled once (dynamic in M) into fused kernels on CUDA; eager elsewhere and where
+# compiling fails (unfused, the quantisation would cost more than the matmul saves).
+quantize_activation = Fused(_quantize_activation, "fp4 activation quantisation")
 
 
 # ---------------------------------------------------------------- the matmul

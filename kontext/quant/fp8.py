@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from .fused import Fused
+
 log = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
@@ -55,24 +57,8 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-_compiled = None
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_rows`, compiled once (dynamic in M) into a fused kernel on CUDA; eager where compiling fails."""
-    global _compiled
-    if _compiled is None:
-        try:
-            _compiled = torch.compile(_quantize_rows, dynamic=True, fullgraph=True)
-        except Exception as exc:  # no compiler toolchain: stay correct, say why it is slower
-            log.warning("fp8: activation quantisation runs unfused (%s)", exc)
-            _compiled = _quantize_rows
-    try:
-        return _compiled(x)
-    except Exception as exc:
-        log.warning("fp8: compiled activation quantisation failed, running it unfused (%s)", exc)
-        _compiled = _quantize_rows
-        return _quantize_rows(x)
+# `_quantize_rows` compiled once (dynamic in M) into a fused kernel on CUDA; eager where compiling fails.
+quantize_rows = Fused(_quantize_rows, "fp8 activation quantisation")
 
 
 def scaled_mm_linear(x: torch.Tensor, w8: torch.Tensor, w_scale_row: torch.Tensor,
