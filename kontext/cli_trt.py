@@ -65,7 +65,7 @@ def run_export(args) -> int:
         else torch.bfloat16
     t0 = time.perf_counter()
     dit = load_dit(args.dit, device="cpu", dtype=dtype, precision=args.precision, loras=loras)
-    done = export_onnx(dit, out, profiles=profiles, source=args.dit if args.dit.is_file() else None,
+    done = export_onnx(dit, out, profiles=profiles, source=args.dit,
                        loras=loras, overwrite=args.overwrite)
     data = f" + {done.data_path.name}" if done.data_path else ""
     print(f"wrote {out}{data} ({done.precision}, opset {done.opset}, {done.bytes / 1e9:.2f} GB) in "

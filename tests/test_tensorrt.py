@@ -294,6 +294,19 @@ def test_stale_engine_is_refused(tmp_path):
         engine_info.select(tmp_path / "engines", source=source, **here)
 
 
+def test_a_diffusers_folder_is_hashed_as_a_whole(tiny_models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "transformer"
+    shutil.copytree(tiny_models["dit_diffusers"], folder)
+    before = engine_info.file_sha256(folder)
+    assert engine_info.source_identity(folder)["source_size"] == sum(f.stat().st_size for f in folder.iterdir())
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one weight byte changed
+    assert engine_info.file_sha256(folder) != before
+
+
 def test_the_source_file_is_not_hashed_again_when_unchanged(tmp_path, monkeypatch):
     source = tmp_path / "dit.safetensors"
     source.write_bytes(b"weights")

@@ -65,18 +65,30 @@ class EngineInfo:
                              "`python -m kontext build-engine`") from None
 
 
+def _files(path: Path) -> list[Path]:
+    """The files that make a model: the file itself, or every file of a (diffusers) folder, in a fixed order."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
 def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file; of a folder, over each file's relative name and bytes."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+    for f in _files(path):
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as stream:
+            while chunk := stream.read(HASH_CHUNK):
+                h.update(chunk)
     return h.hexdigest()
 
 
 def source_identity(path: str | os.PathLike) -> dict:
-    """What export-onnx records of the source file besides its hash: name, size and modification time."""
-    st = os.stat(path)
-    return {"source_name": os.path.basename(path), "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+    """What export-onnx records of the source besides its hash: name, size and newest modification time (of all
+    the files of a folder)."""
+    stats = [f.stat() for f in _files(Path(path))]
+    return {"source_name": os.path.basename(os.path.normpath(path)), "source_size": sum(st.st_size for st in stats),
+            "source_mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
 
 
 def source_sha256(path: str | os.PathLike, info: EngineInfo) -> str:
