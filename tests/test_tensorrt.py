@@ -271,6 +271,26 @@ def test_an_engine_without_baked_loras_is_preferred(tmp_path):
     assert engine_info.select(tmp_path, **here)[1] == info()
 
 
+def test_a_lora_on_quantised_weights_is_exported_as_its_branch(tiny_models, tmp_path):
+    # fp8 layers keep a LoRA as a low-rank branch beside the quantised matmul (nothing re-quantised); the graph
+    # carries the branch too, so an engine with a LoRA baked in computes what the PyTorch model does.
+    from safetensors.torch import save_file
+
+    h, g = 128, torch.Generator().manual_seed(3)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(3 * h, 4, generator=g),
+               "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(4, h, generator=g) * .1},
+              lora)
+    dit = kontext.load_dit(tiny_models["dit_fp8"], dtype=torch.float32, loras=[(lora, 0.7)])
+    plain = kontext.load_dit(tiny_models["dit_fp8"], dtype=torch.float32)
+    path = export_onnx(dit, tmp_path / "lora.onnx", profiles=SMALL, loras=[(lora, 0.7)]).path
+    x = inputs(dit, 60, 2, seed=9)
+    with torch.no_grad():
+        want, without = dit(*x), plain(*x)
+    got = run_onnx(ort.InferenceSession(str(path)), x)
+    assert rel_err(got, want) <= TOL and rel_err(want, without) > 1e-3  # the LoRA is there, and it matters
+
+
 def test_export_records_merged_loras(tiny_models):
     from kontext.tensorrt.export import metadata
 
