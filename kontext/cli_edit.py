@@ -186,6 +186,9 @@ def check_backend(args) -> None:
         raise InputError(f"--engine {args.engine}: no such file or folder")
     if args.tiny:
         raise InputError("--tiny makes new random models, which no engine was built from: drop --tiny")
+    if args.device is not None and not args.device.startswith("cuda"):
+        raise InputError(f"a TensorRT engine runs on an NVIDIA GPU: --device {args.device} cannot run it "
+                         "(use --device cuda, or --backend torch)")
     from .tensorrt.runtime import LORA_REFUSED
 
     if args.lora:

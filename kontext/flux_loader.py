@@ -101,7 +101,19 @@ def _load_engine(path, engine, precision: str | None, loras: Sequence[tuple]):
     if engine is None:
         raise InputError("backend='tensorrt' needs the engine: its .plan file or the folder of engines "
                          "(--engine DIR; `python -m kontext build-engine` makes one)")
-    return load_engine(engine, source=resolve_model_path(path, "transformer"), precision=precision)
+    if precision == "auto":
+        precision = None
+    ckpt = Checkpoint(resolve_model_path(path, "transformer"))
+    return load_engine(engine, source=ckpt.path, precision=precision, preferred=stored_precision(ckpt))
+
+
+def stored_precision(ckpt: Checkpoint) -> str:
+    """The precision a file stores its DiT in: fp4 or fp8 when any layer is so quantised, else its weights' dtype."""
+    fmts = {q.fmt for q in ckpt.quantized.values()}
+    if fmts:
+        return "fp4" if "fp4" in fmts else "fp8"
+    dtypes = {ckpt.dtype(k) for k in ckpt.weight_keys() if k.endswith(".weight")}
+    return {torch.float16: "fp16", torch.float32: "fp32"}.get(dtypes.pop(), "bf16") if len(dtypes) == 1 else "bf16"
 
 
 def dit_config(path: str | os.PathLike) -> FluxConfig:

@@ -215,6 +215,8 @@ class KontextPipeline:
         if dit_offload != "none" and device.type == "cpu":
             log.info("dit_offload=%r has nothing to do on the CPU: the DiT is in CPU memory already", dit_offload)
             dit_offload = "none"
+        if backend == "tensorrt" and device.type != "cuda":
+            raise InputError(f"a TensorRT engine runs on an NVIDIA GPU, not on {device}: use device='cuda'")
         prec = resolve(precision, dtype, device)
         dtype = prec.compute  # of the DiT's activations, and of the text encoders and VAE
         offload = offload and device.type != "cpu"
@@ -233,8 +235,9 @@ class KontextPipeline:
             from .tensorrt.runtime import LORA_REFUSED
 
             raise InputError(LORA_REFUSED)
-        dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision, backend=backend,
-                             engine=engine)
+        with torch.cuda.device(device) if backend == "tensorrt" else nullcontext():  # the engine's GPU
+            dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision, backend=backend,
+                                 engine=engine)
         if dit_offload == "stream":
             from .offload import prepare
 

@@ -183,6 +183,32 @@ def test_fp4_dequantize_nodes_give_the_stored_weights(exported):
     assert checked == len(layers)
 
 
+def test_e5m2_weights_are_refused_before_the_export(tiny_models, tmp_path):
+    from torch import nn
+
+    dit = kontext.load_dit(tiny_models["dit_fp8"], dtype=torch.float32)
+    layer = dit.get_submodule("single_blocks.0.linear2")
+    layer.weight = nn.Parameter(layer.weight.float().to(torch.float8_e5m2), requires_grad=False)
+    with pytest.raises(InputError, match="single_blocks.0.linear2: float8_e5m2.*e4m3 only"):
+        export_onnx(dit, tmp_path / "e5m2.onnx", profiles=SMALL)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_without_guidance_embedding(tmp_path):
+    config = kontext.FluxConfig.tiny()
+    config.guidance_embed = False
+    g = torch.Generator().manual_seed(4)
+    dit = kontext.FluxDiT(config)
+    for p in dit.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.05
+    engine = onnx_engine(export_onnx(dit.eval(), tmp_path / "ng.onnx", profiles=SMALL).path)
+    refs = [torch.randn(1, 16, 12, 12, generator=g)]
+    z, txt, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 512, 64, generator=g), torch.randn(1, 64)
+    with torch.no_grad():
+        want = Denoiser(dit, (8, 8), refs)(z, 0.4, txt, y, None)
+    assert rel_err(Denoiser(engine, (8, 8), refs)(z, 0.4, txt, y, None), want) <= TOL
+
+
 def test_export_refuses_to_overwrite(exported, tiny_models):
     _, paths = exported
     before = paths["fp32"].read_bytes()
@@ -243,7 +269,8 @@ def test_sidecar_round_trip_and_cache_key():
     assert a.flux_config() == kontext.FluxConfig.tiny()
     changes = [dict(source_sha256="cd" * 32), dict(precision="fp8"), dict(tensorrt_version="10.10.0"),
                dict(gpu="NVIDIA H200"), dict(profiles=kontext_profiles()),
-               dict(extra={"loras": [{"name": "style.safetensors", "sha256": "ee" * 32, "strength": 0.8}]})]
+               dict(extra={"loras": [{"name": "style.safetensors", "sha256": "ee" * 32, "strength": 0.8}]}),
+               dict(refittable=True)]
     keys = {a.key(), *(info(**c).key() for c in changes)}
     assert len(keys) == 1 + len(changes)  # every field an engine must match is in the key
 
@@ -262,6 +289,30 @@ def test_engine_cache_selects_what_runs_here_and_says_why_not(tmp_path):
     assert engine_info.select(plan, **here)[1] == info()  # the .plan itself
 
 
+def test_the_files_own_precision_is_preferred(tmp_path, tiny_models):
+    from kontext.flux_loader import stored_precision
+    from kontext.weights import Checkpoint
+
+    for p in ("fp4", "fp8", "bf16"):
+        engine_info.save(info(precision=p), p.encode(), tmp_path)
+    here = dict(tensorrt_version="10.9.0", gpu="NVIDIA H100 80GB HBM3")
+    for p in ("fp4", "fp8", "bf16"):
+        assert engine_info.select(tmp_path, preferred=p, **here)[1].precision == p
+    assert stored_precision(Checkpoint(tiny_models["dit_fp8"])) == "fp8"
+    assert stored_precision(Checkpoint(tiny_models["dit"])) in ("bf16", "fp32")
+
+
+def test_timing_caches_and_versions():
+    from kontext.tensorrt.build import check_version, timing_cache_name
+
+    a, b = timing_cache_name("10.9.0", "NVIDIA H100 80GB HBM3"), timing_cache_name("10.9.0", "NVIDIA H200")
+    assert a != b and a == "timing-10-9-0-NVIDIA-H100-80GB-HBM3.cache" and "/" not in timing_cache_name("1", "a/b")
+    check_version("10.15.1", "fp4")
+    check_version("10.3.0", "fp8")
+    with pytest.raises(InputError, match="TensorRT 10.15 or newer"):
+        check_version("10.14.0", "fp4")
+
+
 def test_an_engine_without_baked_loras_is_preferred(tmp_path):
     baked = info(extra={"loras": [{"name": "style.safetensors", "sha256": "ee" * 32, "strength": 0.8}]})
     engine_info.save(baked, b"baked", tmp_path)
@@ -271,7 +322,7 @@ def test_an_engine_without_baked_loras_is_preferred(tmp_path):
     assert engine_info.select(tmp_path, **here)[1] == info()
 
 
-def test_a_lora_on_quantised_weights_is_exported_as_its_branch(tiny_models, tmp_path):
+def test_per_row_fp8_and_a_lora_on_quantised_weights_are_exported(tiny_models, tmp_path):
     # fp8 layers keep a LoRA as a low-rank branch beside the quantised matmul (nothing re-quantised); the graph
     # carries the branch too, so an engine with a LoRA baked in computes what the PyTorch model does.
     from safetensors.torch import save_file
@@ -281,8 +332,10 @@ def test_a_lora_on_quantised_weights_is_exported_as_its_branch(tiny_models, tmp_
     save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_up.weight": torch.randn(3 * h, 4, generator=g),
                "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(4, h, generator=g) * .1},
               lora)
-    dit = kontext.load_dit(tiny_models["dit_fp8"], dtype=torch.float32, loras=[(lora, 0.7)])
-    plain = kontext.load_dit(tiny_models["dit_fp8"], dtype=torch.float32)
+    # Quantised on load: a scale per output row, DequantizeLinear on axis 0 (the fp8_scaled fixture has one scale).
+    dit = kontext.load_dit(tiny_models["dit"], precision="fp8", dtype=torch.float32, loras=[(lora, 0.7)])
+    plain = kontext.load_dit(tiny_models["dit"], precision="fp8", dtype=torch.float32)
+    assert dit.get_submodule("double_blocks.0.img_mod.lin").weight_scale.numel() > 1
     path = export_onnx(dit, tmp_path / "lora.onnx", profiles=SMALL, loras=[(lora, 0.7)]).path
     x = inputs(dit, 60, 2, seed=9)
     with torch.no_grad():
@@ -542,7 +595,10 @@ def test_command_line_checks_before_loading(tiny_models, tmp_path, capsys):
              (["edit", "--tiny", "--image", image, "--prompt", "p", "--out", str(tmp_path / "o.png"),
                "--engine", str(tmp_path)], "--engine runs with --backend tensorrt"),
              (["edit", "--tiny", "--image", image, "--prompt", "p", "--out", str(tmp_path / "o.png"),
-               "--backend", "tensorrt"], "needs --engine")]
+               "--backend", "tensorrt"], "needs --engine"),
+             (["edit", "--models", str(tiny_models["vae"].parents[1]), "--image", image, "--prompt", "p", "--out",
+               str(tmp_path / "o.png"), "--backend", "tensorrt", "--engine", str(tmp_path), "--device", "cpu"],
+              "runs on an NVIDIA GPU")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -39,7 +39,7 @@ class EngineInfo:
         """The cache key: everything an engine must match to run."""
         parts = [self.source_sha256, self.precision, json.dumps(self.config, sort_keys=True),
                  json.dumps([p.to_json() for p in self.profiles]), self.tensorrt_version, self.gpu,
-                 json.dumps(self.extra.get("loras", []), sort_keys=True)]
+                 json.dumps(self.extra.get("loras", []), sort_keys=True), str(self.refittable)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def flux_config(self) -> FluxConfig:
@@ -100,7 +100,7 @@ def source_sha256(path: str | os.PathLike, info: EngineInfo) -> str:
     return file_sha256(path)
 
 
-def save(info: EngineInfo, plan: bytes, folder: str | os.PathLike) -> Path:
+def save(info: EngineInfo, plan: bytes | memoryview, folder: str | os.PathLike) -> Path:
     """Write `<key>.plan` and `<key>.json` into `folder` (created if missing); the sidecar last, so a half-written
     engine is never listed."""
     folder = Path(folder).expanduser()
@@ -112,7 +112,7 @@ def save(info: EngineInfo, plan: bytes, folder: str | os.PathLike) -> Path:
     return plan_path
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -130,7 +130,7 @@ def entries(location: str | os.PathLike) -> list[tuple[Path, EngineInfo]]:
     if not loc.is_dir():
         raise InputError(f"{loc}: no such engine file or folder")
     found = []
-    for sidecar in sorted(loc.glob("*.json")):
+    for sidecar in sorted(loc.rglob("*.json")):  # subfolders too, as the loader node lists them
         plan = sidecar.with_suffix(".plan")
         if plan.is_file():
             found.append((plan, EngineInfo.from_json(sidecar.read_text(), sidecar)))
@@ -157,11 +157,13 @@ def mismatches(info: EngineInfo, *, tensorrt_version: str, gpu: str, source_sha2
 
 
 def select(location: str | os.PathLike, *, tensorrt_version: str, gpu: str,
-           source: str | os.PathLike | None = None, precision: str | None = None) -> tuple[Path, EngineInfo]:
+           source: str | os.PathLike | None = None, precision: str | None = None,
+           preferred: str | None = None) -> tuple[Path, EngineInfo]:
     """The engine of `location` that can run here, else an InputError listing each engine and why not. With
-    `source`, the DiT file the engine should come from, an engine exported from another file is stale. Engines
-    without LoRAs baked in are preferred (one with LoRAs is used when it is the only one, or given as a file)."""
-    found = sorted(entries(location), key=lambda e: bool(e[1].extra.get("loras")))
+    `source`, the DiT file the engine should come from, an engine exported from another file is stale. Among those
+    that fit, engines without LoRAs baked in come first, then those of the `preferred` precision (the file's own,
+    when none was asked for: bf16, fp8 and fp4 engines exported from one file share its hash)."""
+    found = sorted(entries(location), key=lambda e: (bool(e[1].extra.get("loras")), e[1].precision != preferred))
     reasons = []
     hashes: dict[str, str] = {}
     for plan, info in found:

@@ -76,6 +76,11 @@ def _with_qdq(dit: FluxDiT) -> FluxDiT:
 
     root = _shallow(dit)
     for name in qdq.quantised_layers(dit):
+        w = dit.get_submodule(name).weight
+        if w.dtype == torch.float8_e5m2:
+            raise InputError(f"{name}: float8_e5m2 weights, and TensorRT's fp8 is e4m3 only; export with "
+                             "--precision bf16, or write an e4m3 file first (`python -m kontext quantize "
+                             "--precision fp8`)")
         parent_name, _, leaf = name.rpartition(".")
         parent = _replace(root, parent_name) if parent_name else root
         parent._modules[leaf] = qdq.QdqLinear(dit.get_submodule(name))
@@ -215,4 +220,6 @@ def _save(program, out: Path, data: Path, external: bool) -> None:
         program.save(tmp_out, external_data=external)
         if external:
             os.replace(tmp_out.with_name(data.name), data)
+        elif data.exists():  # an overwritten export's weights, which nothing refers to any more
+            data.unlink()
         os.replace(tmp_out, out)

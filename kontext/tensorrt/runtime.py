@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -72,11 +73,14 @@ class EngineDiT(nn.Module):
                              "ControlNet residuals; use the PyTorch backend for them")
         B, N = img.shape[:2]
         profile = choose(self.profiles, B, N, txt.shape[1])
-        if guidance is None and "guidance" in self.executor.inputs:
-            raise ValueError("this model embeds guidance: pass a guidance value (2.5 is Kontext's default)")
+        if guidance is None:
+            if self.config.guidance_embed:
+                raise InputError("this model embeds guidance: pass a guidance value (2.5 is Kontext's default)")
+            guidance = torch.zeros_like(timesteps)  # an input of the graph that nothing reads
         values = {"img": img, "img_ids": pe.img_ids.expand(B, -1, -1), "txt": txt,
                   "txt_ids": pe.txt_ids.expand(B, -1, -1), "timesteps": timesteps, "y": y, "guidance": guidance}
-        return self.executor.run({k: values[k] for k in self.executor.inputs}, profile)
+        out = self.executor.run({k: values[k] for k in self.executor.inputs}, profile)
+        return out.to(img.device)
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, pe=None, blocks=PLAIN):
         """BFL's convention, as FluxDiT.forward (ids required; `pe` from positions() replaces them)."""
@@ -88,36 +92,54 @@ class EngineDiT(nn.Module):
 
 
 class TensorRTExecutor:
-    """A deserialised engine and one execution context; tensors in and out on the current CUDA stream."""
+    """A deserialised engine and one execution context on the current CUDA device; tensors in and out on the
+    current CUDA stream (a side stream that waits for it, when that is the legacy default stream, on which
+    TensorRT would add device-wide synchronisations)."""
 
     def __init__(self, plan: Path):
         trt = import_tensorrt()
         self.trt = trt
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        with open(plan, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # no second copy
+            self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
         if self.engine is None:
             raise InputError(f"{plan}: TensorRT {trt.__version__} could not load this engine (damaged, or built "
                              "by another TensorRT version); rebuild it")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise InputError(f"{plan}: TensorRT could not make an execution context (out of GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = tuple(n for n in INPUTS if n in names)
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.profile = -1
+        self.side = torch.cuda.Stream(self.device)
 
     def run(self, inputs: dict[str, torch.Tensor], profile: int) -> torch.Tensor:
-        stream = torch.cuda.current_stream()
-        if profile != self.profile:
-            self.context.set_optimization_profile_async(profile, stream.cuda_stream)
-            self.profile = profile
-        held = []  # keep the converted inputs alive until the launch is queued
-        for name, t in inputs.items():
-            t = t.to("cuda", self.dtypes[name]).contiguous()
-            held.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT)), dtype=self.dtypes[OUTPUT], device="cuda")
-        self.context.set_tensor_address(OUTPUT, out.data_ptr())
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT could not run the engine (its log above says why)")
+        with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            stream = self.side if caller == torch.cuda.default_stream(self.device) else caller
+            held = [t.to(self.device, self.dtypes[name]).contiguous() for name, t in inputs.items()]
+            if stream is not caller:
+                stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                if profile != self.profile:
+                    if not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
+                        raise RuntimeError(f"TensorRT refused optimisation profile {profile}")
+                    self.profile = profile
+                for name, t in zip(inputs, held):
+                    if not self.context.set_input_shape(name, tuple(t.shape)):
+                        raise InputError(f"the engine refuses {name} of shape {list(t.shape)}")
+                    self.context.set_tensor_address(name, t.data_ptr())
+                out = torch.empty(tuple(self.context.get_tensor_shape(OUTPUT)), dtype=self.dtypes[OUTPUT],
+                                  device=self.device)
+                self.context.set_tensor_address(OUTPUT, out.data_ptr())
+                if not self.context.execute_async_v3(stream.cuda_stream):
+                    raise RuntimeError("TensorRT could not run the engine (its log above says why)")
+            if stream is not caller:  # memory made on one stream and used on the other
+                caller.wait_stream(stream)
+                for t in held:
+                    t.record_stream(stream)
+                out.record_stream(caller)
         return out
 
 
@@ -143,13 +165,13 @@ class OnnxRuntimeExecutor:
 
 
 def load_engine(location: str | os.PathLike, *, source: str | os.PathLike | None = None,
-                precision: str | None = None) -> EngineDiT:
+                precision: str | None = None, preferred: str | None = None) -> EngineDiT:
     """The engine in `location` (a .plan, or a folder of engines) that can run on this GPU and TensorRT. With
     `source` (the DiT file), an engine built from another file is refused as stale; `precision` must match when
     given."""
     trt = import_tensorrt()
     plan, info = engine_info.select(location, tensorrt_version=trt.__version__, gpu=gpu_name(), source=source,
-                                    precision=precision)
+                                    precision=precision, preferred=preferred)
     log.info("TensorRT engine %s: %s, profiles %s", plan, info.precision,
              "; ".join(p.describe() for p in info.profiles))
     if info.extra.get("loras"):
