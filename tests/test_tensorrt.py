@@ -498,19 +498,27 @@ def test_without_tensorrt_the_backend_explains_how_to_install(tiny_models, tmp_p
 
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not (_has_tensorrt() and torch.cuda.is_available()), reason="needs tensorrt and a CUDA GPU")
-def test_engine_build_and_run_on_the_gpu(exported, tiny_models, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_engine_build_and_run_on_the_gpu(exported, tiny_models, tmp_path, precision):
     from kontext.tensorrt.build import build_engine
     from kontext.tensorrt.runtime import load_engine
 
-    dits, paths = exported
-    plan = build_engine(paths["fp32"], tmp_path)
-    assert build_engine(paths["fp32"], tmp_path) == plan  # cached
-    engine = load_engine(tmp_path, source=tiny_models["dit"])
-    x = inputs(dits["fp32"], 77, 2)
-    with torch.no_grad():
-        ref = dits["fp32"](*x)
-    got = engine(*[t.cuda() for t in x]).cpu()
-    assert rel_err(got, ref) <= 1e-3  # TensorRT may pick TF32 kernels for fp32
+    dits, _ = exported
+    source = tiny_models["dit"] if precision == "fp32" else tiny_models["dit_fp8"]
+    two = [Profile("small", (40, 64, 120), (1, 1, 2)), Profile("large", (121, 160, 200), (1, 1, 2))]
+    onnx_path = export_onnx(dits[precision], tmp_path / "g.onnx", profiles=two, source=source).path
+    plan = build_engine(onnx_path, tmp_path / "engines")
+    assert build_engine(onnx_path, tmp_path / "engines") == plan  # cached
+    assert list((tmp_path / "engines").glob("timing-*.cache"))
+    engine = load_engine(tmp_path / "engines", source=source)
+    for tokens in (77, 150, 60):  # profile 0, 1, then 0 again
+        x = inputs(dits[precision], tokens, 2, seed=tokens)
+        with torch.no_grad():
+            ref = dits[precision](*x)
+        got = engine(*[t.cuda() for t in x]).cpu()
+        assert rel_err(got, ref) <= 1e-3, tokens  # TensorRT may pick TF32 kernels for fp32
+    with pytest.raises(InputError, match="outside this engine's profiles"):
+        engine(*[t.cuda() for t in inputs(dits[precision], 300, 1)])
 
 
 # --------------------------------------------------------------------------------------------- the node pack
