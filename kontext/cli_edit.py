@@ -186,16 +186,10 @@ def check_backend(args) -> None:
         raise InputError(f"--engine {args.engine}: no such file or folder")
     if args.tiny:
         raise InputError("--tiny makes new random models, which no engine was built from: drop --tiny")
-    if args.device is not None and not args.device.startswith("cuda"):
-        raise InputError(f"a TensorRT engine runs on an NVIDIA GPU: --device {args.device} cannot run it "
-                         "(use --device cuda, or --backend torch)")
-    from .tensorrt.runtime import LORA_REFUSED
-
-    if args.lora:
-        raise InputError(LORA_REFUSED.replace("LoRAs cannot", "--lora cannot"))
-    if args.dit_offload != "none" or args.compile:
-        raise InputError("--dit-offload and --compile do not apply to a TensorRT engine: drop them")
+    from .tensorrt import check_request
     from .tensorrt.build import import_tensorrt
+
+    check_request(args.device, args.lora, args.dit_offload, args.compile)
 
     import_tensorrt()  # the install hint now, not after the text encoders have loaded
 

@@ -49,6 +49,7 @@ def run_export(args) -> int:
     from .cli_edit import check_loras, lora_spec
     from .errors import InputError
     from .flux_loader import load_dit
+    from .precision import DENSE
     from .tensorrt.export import check_output, export_onnx
     from .tensorrt.profiles import kontext_profiles
 
@@ -61,8 +62,7 @@ def run_export(args) -> int:
     loras = [lora_spec(text) for text in args.lora]
     check_loras(loras)
     profiles = kontext_profiles(args.max_references, args.max_batch)
-    dtype = torch.float32 if args.precision == "fp32" else torch.float16 if args.precision == "fp16" \
-        else torch.bfloat16
+    dtype = DENSE.get(args.precision, torch.bfloat16)  # quantised graphs compute in bf16
     t0 = time.perf_counter()
     dit = load_dit(args.dit, device="cpu", dtype=dtype, precision=args.precision, loras=loras)
     done = export_onnx(dit, out, profiles=profiles, source=args.dit,

@@ -14,7 +14,7 @@ from .dit import FluxDiT
 from .errors import CheckpointError, InputError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
 from .ops import set_formats
-from .precision import DENSE, resolve
+from .precision import DENSE, dense_name, resolve
 from .weights import Checkpoint, Plan, Source, load_plan
 from .weights.checkpoint import resolve_model_path
 from .weights.identify import describe
@@ -94,10 +94,10 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 
 
 def _load_engine(path, engine, precision: str | None, loras: Sequence[tuple]):
-    from .tensorrt.runtime import LORA_REFUSED, load_engine
+    from .tensorrt import check_request
+    from .tensorrt.runtime import load_engine
 
-    if loras:
-        raise InputError(LORA_REFUSED)
+    check_request(None, loras)
     if engine is None:
         raise InputError("backend='tensorrt' needs the engine: its .plan file or the folder of engines "
                          "(--engine DIR; `python -m kontext build-engine` makes one)")
@@ -113,7 +113,8 @@ def stored_precision(ckpt: Checkpoint) -> str:
     if fmts:
         return "fp4" if "fp4" in fmts else "fp8"
     dtypes = {ckpt.dtype(k) for k in ckpt.weight_keys() if k.endswith(".weight")}
-    return {torch.float16: "fp16", torch.float32: "fp32"}.get(dtypes.pop(), "bf16") if len(dtypes) == 1 else "bf16"
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.bfloat16  # a mixed file: name it by the GPU default
+    return dense_name(dtype) if dtype in DENSE.values() else "bf16"
 
 
 def dit_config(path: str | os.PathLike) -> FluxConfig:

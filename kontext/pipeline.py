@@ -175,10 +175,10 @@ class KontextPipeline:
         base weights are never changed, so removing a LoRA or changing its strength is exact."""
         from .lora.apply import with_loras
 
-        if loras and getattr(self.base_dit, "backend", "torch") == "tensorrt":
-            from .tensorrt.runtime import LORA_REFUSED
+        if loras:
+            from .tensorrt import refuse_loras
 
-            raise InputError(LORA_REFUSED)
+            refuse_loras(self.base_dit)
         self.dit = with_loras(self.base_dit, loras, mode) if loras else self.base_dit
         if self.compiled:  # with_loras's block copies still hold the base blocks' compiled calls: rebind them
             self._compile_dit()
@@ -208,15 +208,14 @@ class KontextPipeline:
         from .weights.loading import as_device
 
         _check_dit_offload(dit_offload)
-        if backend == "tensorrt" and (dit_offload != "none" or compile):
-            raise InputError("a TensorRT engine manages its own memory and kernels: drop dit_offload / compile "
-                             "(--dit-offload, --compile) with the tensorrt backend")
         device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if backend == "tensorrt":  # before anything is read or loaded
+            from .tensorrt import check_request
+
+            check_request(device, loras, dit_offload, compile)
         if dit_offload != "none" and device.type == "cpu":
             log.info("dit_offload=%r has nothing to do on the CPU: the DiT is in CPU memory already", dit_offload)
             dit_offload = "none"
-        if backend == "tensorrt" and device.type != "cuda":
-            raise InputError(f"a TensorRT engine runs on an NVIDIA GPU, not on {device}: use device='cuda'")
         prec = resolve(precision, dtype, device)
         dtype = prec.compute  # of the DiT's activations, and of the text encoders and VAE
         offload = offload and device.type != "cpu"
@@ -231,10 +230,6 @@ class KontextPipeline:
         # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
         dit_device = torch.device("cpu") if dit_offload == "stream" else device
-        if backend == "tensorrt" and loras:
-            from .tensorrt.runtime import LORA_REFUSED
-
-            raise InputError(LORA_REFUSED)
         with torch.cuda.device(device) if backend == "tensorrt" else nullcontext():  # the engine's GPU
             dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision, backend=backend,
                                  engine=engine)

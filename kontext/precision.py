@@ -18,6 +18,11 @@ QUANTIZED = ("fp8", "fp4")
 PRECISIONS = (*DENSE, *QUANTIZED)
 
 
+def dense_name(dtype: torch.dtype) -> str:
+    """"bf16", "fp16" or "fp32" for a dense dtype (DENSE's inverse)."""
+    return next(name for name, d in DENSE.items() if d == dtype)
+
+
 @dataclass(frozen=True)
 class Precision:
     storage: str | None  # None: as stored in the file; "dense", "fp8" or "fp4"

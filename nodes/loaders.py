@@ -101,20 +101,19 @@ class KontextModelLoader:
 
     @staticmethod
     def _engine(path, weight_dtype: str, device: str, engine: str):
-        from kontext.flux_loader import load_dit
         from kontext.errors import KontextError
+        from kontext.flux_loader import load_dit
 
         if device == "cpu":
             raise InputError("a TensorRT engine runs on an NVIDIA GPU: set device to auto or offload, or engine to "
                              "none")
-        precision = None if weight_dtype == "auto" else weight_dtype
         places = engine_dirs() if engine == "auto" else [engine_path(engine)]
 
         def load():
             reasons = []
             for place in places:
                 try:
-                    dit = load_dit(path, precision=precision, backend="tensorrt", engine=place)
+                    dit = load_dit(path, precision=weight_dtype, backend="tensorrt", engine=place)
                 except KontextError as exc:  # another folder may hold the right engine
                     reasons.append(str(exc))
                     continue

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 
 from .host import comfy, model_list, model_path
-from kontext.errors import InputError
-
 from .model import StandaloneModel, kontext_dit
 
 log = logging.getLogger(__name__)
@@ -59,12 +57,10 @@ class KontextLoraLoader:
     def apply(self, model, lora_name: str, strength: float = 1.0):
         from kontext.lora.apply import check_loras, with_loras
         from kontext.lora.formats import read_lora
+        from kontext.tensorrt import refuse_loras
 
         dit = kontext_dit(model)
-        if getattr(dit, "backend", "torch") == "tensorrt":
-            from kontext.tensorrt.runtime import LORA_REFUSED
-
-            raise InputError(LORA_REFUSED)
+        refuse_loras(dit)
         path = model_path("loras", lora_name, "LoRA")
         check_loras([(path, strength)])
         lora = read_lora(path, dit.config)

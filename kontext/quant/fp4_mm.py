@@ -20,6 +20,7 @@ and each value keeps its block scale. comfy_kitchen passes its high-nibble-first
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -78,10 +79,12 @@ def choose_path(capability: tuple[int, int] | None, full_precision: bool, has_we
     return Choice(api, f"NVFP4 matmuls (W4A4, {api})", f"{cc}: FP4 tensor cores, activations quantised per call")
 
 
+@functools.lru_cache(maxsize=None)  # asked by every fp4 layer at every call: once per device is enough
 def capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
+@functools.cache  # a property of this torch build
 def torch_api() -> str | None:
     """The torch entry point for NVFP4 matmuls: F.scaled_mm with the two-level recipe, else torch._scaled_mm."""
     if not hasattr(torch, "float4_e2m1fn_x2"):

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..dit import FluxDiT
 from ..errors import InputError
+from ..precision import dense_name
 from ..rope import Positions
 from . import qdq
 from .profiles import TEXT_TOKENS, Profile, kontext_profiles, token_range
@@ -112,7 +113,7 @@ def precision_of(dit: FluxDiT) -> str:
         raise InputError(f"a DiT mixing {sorted(fmts)} layers cannot be exported as one precision")
     if fmts:
         return fmts.pop()
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dit.compute_dtype]
+    return dense_name(dit.compute_dtype)
 
 
 def export_onnx(dit: FluxDiT, out: str | os.PathLike, *, profiles: list[Profile] | None = None,

@@ -8,7 +8,6 @@ tests and debugging, onnxruntime on the exported graph, so the runtime's logic i
 """
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
@@ -20,16 +19,13 @@ from torch import nn
 
 from ..dit import PLAIN, BlockRunner
 from ..errors import InputError
+from ..precision import DENSE
 from . import engine_info
-from .build import gpu_name, import_tensorrt
-from .export import INPUTS, OUTPUT, read_metadata
-from .profiles import Profile, choose
+from .build import engine_info_for, gpu_name, import_tensorrt
+from .export import INPUTS, OUTPUT
+from .profiles import choose
 
 log = logging.getLogger(__name__)
-
-LORA_REFUSED = ("a TensorRT engine's weights are fixed when it is built: LoRAs cannot be applied to it. Export the "
-                "graph with the LoRA merged (`python -m kontext export-onnx --lora FILE[:STRENGTH]`) and build "
-                "that, or use the PyTorch backend")
 
 
 class Executor(Protocol):
@@ -55,9 +51,8 @@ class EngineDiT(nn.Module):
         self.info = info
         self.config = info.flux_config()
         self.profiles = info.profiles
-        self.compute_dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(info.precision, torch.bfloat16)
+        self.compute_dtype = DENSE.get(info.precision, torch.bfloat16)  # fp8 / fp4 engines compute in bf16
         self.description = description
-        self.guidance_in = None  # nothing here is a module: the weights live in the engine
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,7 +178,4 @@ def load_engine(location: str | os.PathLike, *, source: str | os.PathLike | None
 def onnx_engine(path: str | os.PathLike) -> EngineDiT:
     """An exported graph run by onnxruntime as if it were an engine (CPU; for tests and debugging)."""
     path = Path(path).expanduser()
-    meta = read_metadata(path)
-    info = engine_info.EngineInfo(meta.get("source_sha256", ""), meta["precision"], json.loads(meta["config"]),
-                                  [Profile.from_json(p) for p in json.loads(meta["profiles"])], "onnxruntime", "cpu")
-    return EngineDiT(OnnxRuntimeExecutor(path), info, str(path))
+    return EngineDiT(OnnxRuntimeExecutor(path), engine_info_for(path, "onnxruntime", "cpu"), str(path))
