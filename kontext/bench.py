@@ -31,8 +31,8 @@ from .errors import InputError
 from .flux_loader import quantized_formats
 from .ids import image_ids, text_ids
 from .offload import BLOCK_LISTS
-from .ops import Fp4Linear, Fp8Linear, set_formats
-from .quant import fp8, nvfp4
+from .formats import QUANTIZED, WeightFormat, layer_format
+from .ops import set_formats
 from .vae import to_model_space
 from .weights.loading import set_parameter
 
@@ -109,13 +109,9 @@ def draw(shape: tuple[int, ...], name: str, index: int, s: Setup) -> torch.Tenso
     return t.div_(math.sqrt(shape[1]))  # 1/sqrt(fan_in): activations keep their size through the layers
 
 
-def quantized_tensors(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    """A layer's stored tensors for the fp32 weight w, by the recipes the loader quantises on load with."""
-    if fmt == "fp8":
-        w8, scale = fp8.quantize(w, per_row=True)
-        return {"weight": w8, "weight_scale": scale}
-    q = nvfp4.quantize(w)
-    return {"weight": q.packed, "weight_scale": q.block_scales, "weight_scale_2": q.tensor_scale}
+def quantized_tensors(w: torch.Tensor, fmt: WeightFormat) -> dict[str, torch.Tensor]:
+    """A layer's stored tensors for the fp32 weight w, by the recipe the loader quantises on load with."""
+    return fmt.quantize(w)
 
 
 def build(s: Setup, path: str, blocks_on: torch.device | None = None) -> FluxDiT:
@@ -133,12 +129,14 @@ def build(s: Setup, path: str, blocks_on: torch.device | None = None) -> FluxDiT
         shapes = FluxDiT(s.config)
         model = FluxDiT(s.config, dtype=s.dense)
     index = {n: (i, tuple(p.shape)) for i, (n, p) in enumerate(shapes.named_parameters())}
-    if path in ("fp8", "fp4"):
-        set_formats(model, quantized_formats(model, path))
+    fmt = QUANTIZED.get(path)
+    if fmt is not None:
+        set_formats(model, quantized_formats(model, fmt))
     for name, module in model.named_modules():
-        if isinstance(module, (Fp8Linear, Fp4Linear)):
+        layer_fmt = layer_format(module)
+        if layer_fmt is not None and layer_fmt.quantized:
             w = draw(index[f"{name}.weight"][1], f"{name}.weight", index[f"{name}.weight"][0], s)
-            for leaf, t in quantized_tensors(w, module.fmt).items():
+            for leaf, t in quantized_tensors(w, layer_fmt).items():
                 set_parameter(model, f"{name}.{leaf}", home(name, t))
     for name, p in list(model.named_parameters()):
         if p.is_meta:  # dense weights and biases, the quantised layers' biases too

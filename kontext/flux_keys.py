@@ -12,6 +12,10 @@ from .config import FluxConfig
 from .errors import CheckpointError
 from .weights import Checkpoint, Plan, Source, count_indexed
 
+# Linear layers quantised when a full-precision file is loaded or written as fp8 or fp4: every layer of the
+# transformer blocks (99% of the weights). The embedders (img_in, txt_in, time_in, vector_in, guidance_in) and the
+# final layer stay as stored: they are under 1% of the bytes, and they set the scale of everything downstream.
+QUANTIZABLE = ("double_blocks.", "single_blocks.")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
 BFL_MARKER = "double_blocks.0.img_attn.qkv.weight"
 DIFFUSERS_MARKER = "transformer_blocks.0.attn.to_q.weight"
@@ -76,52 +80,62 @@ def bfl_plan(model_keys: list[str], prefix: str) -> Plan:
     return {k: Source.of(prefix + k) for k in model_keys}
 
 
-def _linear(dst: str, src: str, plan: Plan, p: str, op: str = "copy") -> None:
-    for leaf in ("weight", "bias"):
-        plan[f"{dst}.{leaf}"] = Source((f"{p}{src}.{leaf}",), op)
-
-
-def _cat(dst: str, srcs: list[str], plan: Plan, p: str, bias: bool = True) -> None:
-    for leaf in ("weight", "bias") if bias else ("weight",):
-        plan[f"{dst}.{leaf}"] = Source(tuple(f"{p}{s}.{leaf}" for s in srcs), "cat")
+def diffusers_layers(cfg: FluxConfig) -> dict[str, tuple[str, tuple[int, int] | None, bool]]:
+    """The one diffusers <-> BFL table of the linear layers: diffusers layer name -> (our layer, the rows of ours it
+    fills (None: all), whether its halves are swapped), as comfy.utils.flux_to_diffusers maps them. The checkpoint
+    plan (`diffusers_plan`) and the LoRA key maps (kontext.lora.formats) are derived from it."""
+    h, out = cfg.hidden_size, {}
+    thirds = [(i * h, (i + 1) * h) for i in range(3)]
+    for i in range(cfg.depth):
+        t, d = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for x, rows in zip("qkv", thirds):
+            out[f"{t}.attn.to_{x}"] = (f"{d}.img_attn.qkv", rows, False)
+            out[f"{t}.attn.add_{x}_proj"] = (f"{d}.txt_attn.qkv", rows, False)
+        for name, ours in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
+                           ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+                           ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
+                           ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
+            out[f"{t}.{name}"] = (f"{d}.{ours}", None, False)
+    for i in range(cfg.depth_single_blocks):
+        t, s = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for x, rows in zip("qkv", thirds):
+            out[f"{t}.attn.to_{x}"] = (f"{s}.linear1", rows, False)
+        out[f"{t}.proj_mlp"] = (f"{s}.linear1", (3 * h, 3 * h + cfg.mlp_hidden), False)
+        out[f"{t}.proj_out"] = (f"{s}.linear2", None, False)
+        out[f"{t}.norm.linear"] = (f"{s}.modulation.lin", None, False)
+    top = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+           **{f"time_text_embed.{name}.linear_{n}": f"{ours}.{layer}"
+              for name, ours in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"),
+                                 ("guidance_embedder", "guidance_in")) if ours != "guidance_in" or cfg.guidance_embed
+              for n, layer in ((1, "in_layer"), (2, "out_layer"))}}
+    out.update({name: (ours, None, False) for name, ours in top.items()})
+    out["norm_out.linear"] = ("final_layer.adaLN_modulation.1", None, True)
+    return out
 
 
 def diffusers_plan(cfg: FluxConfig, p: str) -> Plan:
-    """Our parameter name -> diffusers tensor(s) for every parameter of FluxDiT(cfg)."""
+    """Our parameter name -> diffusers tensor(s) for every parameter of FluxDiT(cfg): the linear layers from
+    `diffusers_layers` (several diffusers layers filling one of ours are joined in row order), plus the norms."""
+    groups: dict[str, list[str]] = {}
+    swapped: dict[str, bool] = {}
+    for theirs, (ours, _, swap) in diffusers_layers(cfg).items():
+        groups.setdefault(ours, []).append(theirs)
+        swapped[ours] = swap
     plan: Plan = {}
-    _linear("img_in", "x_embedder", plan, p)
-    _linear("txt_in", "context_embedder", plan, p)
-    emb = {"time_in": "timestep_embedder", "vector_in": "text_embedder", "guidance_in": "guidance_embedder"}
-    for ours, theirs in emb.items():
-        if ours == "guidance_in" and not cfg.guidance_embed:
-            continue
-        _linear(f"{ours}.in_layer", f"time_text_embed.{theirs}.linear_1", plan, p)
-        _linear(f"{ours}.out_layer", f"time_text_embed.{theirs}.linear_2", plan, p)
-    for i in range(cfg.depth):
-        d, t = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        _linear(f"{d}.img_mod.lin", f"{t}.norm1.linear", plan, p)
-        _linear(f"{d}.txt_mod.lin", f"{t}.norm1_context.linear", plan, p)
-        _cat(f"{d}.img_attn.qkv", [f"{t}.attn.to_{x}" for x in "qkv"], plan, p, cfg.qkv_bias)
-        _cat(f"{d}.txt_attn.qkv", [f"{t}.attn.add_{x}_proj" for x in "qkv"], plan, p, cfg.qkv_bias)
-        plan[f"{d}.img_attn.norm.query_norm.scale"] = Source.of(f"{p}{t}.attn.norm_q.weight")
-        plan[f"{d}.img_attn.norm.key_norm.scale"] = Source.of(f"{p}{t}.attn.norm_k.weight")
-        plan[f"{d}.txt_attn.norm.query_norm.scale"] = Source.of(f"{p}{t}.attn.norm_added_q.weight")
-        plan[f"{d}.txt_attn.norm.key_norm.scale"] = Source.of(f"{p}{t}.attn.norm_added_k.weight")
-        _linear(f"{d}.img_attn.proj", f"{t}.attn.to_out.0", plan, p)
-        _linear(f"{d}.txt_attn.proj", f"{t}.attn.to_add_out", plan, p)
-        _linear(f"{d}.img_mlp.0", f"{t}.ff.net.0.proj", plan, p)
-        _linear(f"{d}.img_mlp.2", f"{t}.ff.net.2", plan, p)
-        _linear(f"{d}.txt_mlp.0", f"{t}.ff_context.net.0.proj", plan, p)
-        _linear(f"{d}.txt_mlp.2", f"{t}.ff_context.net.2", plan, p)
-    for i in range(cfg.depth_single_blocks):
-        s, t = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        _cat(f"{s}.linear1", [f"{t}.attn.to_q", f"{t}.attn.to_k", f"{t}.attn.to_v", f"{t}.proj_mlp"], plan, p)
-        _linear(f"{s}.linear2", f"{t}.proj_out", plan, p)
-        plan[f"{s}.norm.query_norm.scale"] = Source.of(f"{p}{t}.attn.norm_q.weight")
-        plan[f"{s}.norm.key_norm.scale"] = Source.of(f"{p}{t}.attn.norm_k.weight")
-        _linear(f"{s}.modulation.lin", f"{t}.norm.linear", plan, p)
-    _linear("final_layer.linear", "proj_out", plan, p)
-    _linear("final_layer.adaLN_modulation.1", "norm_out.linear", plan, p, op="swap_halves")
+    for ours, srcs in groups.items():
+        op = "cat" if len(srcs) > 1 else "swap_halves" if swapped[ours] else "copy"
+        # diffusers' double-block q, k, v carry biases only in models with qkv_bias; every other layer has one.
+        leaves = ("weight", "bias") if cfg.qkv_bias or not ours.endswith("attn.qkv") else ("weight",)
+        for leaf in leaves:
+            plan[f"{ours}.{leaf}"] = Source(tuple(f"{p}{s}.{leaf}" for s in srcs), op)
+    norms = [(f"double_blocks.{i}.{ours}", f"transformer_blocks.{i}.attn.{theirs}") for i in range(cfg.depth)
+             for ours, theirs in (("img_attn.norm.query_norm", "norm_q"), ("img_attn.norm.key_norm", "norm_k"),
+                                  ("txt_attn.norm.query_norm", "norm_added_q"),
+                                  ("txt_attn.norm.key_norm", "norm_added_k"))]
+    norms += [(f"single_blocks.{i}.norm.{ours}", f"single_transformer_blocks.{i}.attn.{theirs}")
+              for i in range(cfg.depth_single_blocks) for ours, theirs in (("query_norm", "norm_q"),
+                                                                           ("key_norm", "norm_k"))]
+    plan.update({f"{ours}.scale": Source.of(f"{p}{theirs}.weight") for ours, theirs in norms})
     return plan
 
 

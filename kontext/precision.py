@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import formats
 from .errors import InputError
+from .formats import WeightFormat
 
 DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTIZED = ("fp8", "fp4")
+QUANTIZED = tuple(formats.QUANTIZED)  # "fp8", "fp4": the quantised formats' names
 PRECISIONS = (*DENSE, *QUANTIZED)
 
 
@@ -25,7 +27,9 @@ def dense_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Precision:
-    storage: str | None  # None: as stored in the file; "dense", "fp8" or "fp4"
+    """A resolved precision: the weights' format (None: each layer as the file stores it) and the compute dtype."""
+
+    format: WeightFormat | None
     compute: torch.dtype
 
 
@@ -33,15 +37,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def resolve(precision: str | None, dtype: torch.dtype | None, device: torch.device,
+def resolve(precision: "str | Precision | None", dtype: torch.dtype | None, device: torch.device,
             name: str = "precision") -> Precision:
-    """The storage format and compute dtype a request means (`name` is the option's name in the message)."""
+    """The storage format and compute dtype a request means (`name` is the option's name in the message); a
+    Precision resolved already is returned as it is."""
+    if isinstance(precision, Precision):
+        return precision
     if precision in (None, "auto"):
         return Precision(None, compute_dtype(dtype, device))
     if precision in DENSE:
-        return Precision("dense", DENSE[precision])
-    if precision in QUANTIZED:
-        return Precision(precision, compute_dtype(dtype, device))
+        return Precision(formats.DENSE, DENSE[precision])
+    if precision in formats.QUANTIZED:
+        return Precision(formats.QUANTIZED[precision], compute_dtype(dtype, device))
     raise InputError(f"unknown {name} {precision!r}; expected one of {', '.join(PRECISIONS)} (or auto)")
 
 

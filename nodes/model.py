@@ -171,8 +171,10 @@ def unet_config(dit: FluxDiT) -> dict:
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Weight key (as ComfyUI names it) -> its fp8 / fp4 layer."""
+    from kontext.formats import layer_format
+
     return {f"diffusion_model.{n}.weight": m for n, m in model.diffusion_model.named_modules()
-            if getattr(m, "fmt", "dense") in ("fp8", "fp4")}
+            if (f := layer_format(m)) is not None and f.quantized}
 
 
 def comfy_model(dit: FluxDiT, load_device: torch.device, offload_device: torch.device):

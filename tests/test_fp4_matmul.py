@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kontext import ops
+from kontext.formats import layer as format_layer
 from kontext.ops import Fp4Linear
 from kontext.quant import fp4_mm, nvfp4
 
@@ -84,7 +84,7 @@ def make_layer(q: nvfp4.NVFP4Weight, bias: torch.Tensor | None = None) -> Fp4Lin
 @pytest.fixture
 def fresh_state(monkeypatch):
     """A process where no fp4 path was logged and no kernel failed yet."""
-    monkeypatch.setattr(ops, "_logged", set())
+    monkeypatch.setattr(format_layer, "_logged", set())
     monkeypatch.setattr(fp4_mm, "_failed", None)
 
 

@@ -81,9 +81,10 @@ def test_fp4_tensor_core_path_on_blackwell(monkeypatch, caplog):
     (decoded in float32) only the bf16 output rounding and the accumulation order remain (~0.002): bound 0.01. A
     wrong nibble order, scale layout or tensor scale is off by 0.5 or more on every measure."""
     from kontext import ops
+    from kontext.formats import layer as format_layer
     from kontext.quant import fp4_mm, nvfp4
 
-    monkeypatch.setattr(ops, "_logged", set())
+    monkeypatch.setattr(format_layer, "_logged", set())
     monkeypatch.setattr(fp4_mm, "_failed", None)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4096, 3072, generator=gen) * 0.02

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..formats import layer_format
 from .formats import LoraFile, LoraPatch, read_lora
 from .math import apply_patches
 
@@ -116,11 +117,11 @@ def with_loras(dit: nn.Module, loras: Sequence[tuple[LoraSpec, float]], mode: st
     out = _shallow(dit)
     for name, patches in group(files).items():
         layer = _replace(out, name)
-        fmt = getattr(layer, "fmt", "dense")
+        fmt = layer_format(layer)
         on_bias = [(p, s) for p, s in patches if p.target.endswith(".bias")]
         on_weight = [(p, s) for p, s in patches if not p.target.endswith(".bias")]
         branch = low_rank(on_weight, layer.out_features) if on_weight and hasattr(layer, "out_features") else None
-        if fmt == "dense" and (mode != "branch" or branch is None):
+        if (fmt is None or not fmt.quantized) and (mode != "branch" or branch is None):
             _merge(layer, patches)
             continue
         _merge(layer, on_bias)  # biases are dense at every precision: merged

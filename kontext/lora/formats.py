@@ -21,6 +21,7 @@ import torch
 
 from ..config import FluxConfig
 from ..errors import CheckpointError
+from ..flux_keys import detect, diffusers_layers
 from ..weights import Checkpoint
 
 
@@ -79,37 +80,6 @@ def param_shapes(config: FluxConfig) -> dict[str, tuple[int, ...]]:
     return _param_shapes(config.to_json())
 
 
-def _diffusers_names(cfg: FluxConfig) -> dict[str, tuple[str, tuple[int, int] | None, bool]]:
-    """diffusers layer name -> (our layer, rows, swap), as comfy.utils.flux_to_diffusers (linear layers only)."""
-    h, out = cfg.hidden_size, {}
-    thirds = [(i * h, (i + 1) * h) for i in range(3)]
-    for i in range(cfg.depth):
-        t, d = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for x, rows in zip("qkv", thirds):
-            out[f"{t}.attn.to_{x}"] = (f"{d}.img_attn.qkv", rows, False)
-            out[f"{t}.attn.add_{x}_proj"] = (f"{d}.txt_attn.qkv", rows, False)
-        for name, ours in (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj"),
-                           ("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
-                           ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"),
-                           ("ff_context.net.0.proj", "txt_mlp.0"), ("ff_context.net.2", "txt_mlp.2")):
-            out[f"{t}.{name}"] = (f"{d}.{ours}", None, False)
-    for i in range(cfg.depth_single_blocks):
-        t, s = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        for x, rows in zip("qkv", thirds):
-            out[f"{t}.attn.to_{x}"] = (f"{s}.linear1", rows, False)
-        out[f"{t}.proj_mlp"] = (f"{s}.linear1", (3 * h, 3 * h + cfg.mlp_hidden), False)
-        out[f"{t}.proj_out"] = (f"{s}.linear2", None, False)
-        out[f"{t}.norm.linear"] = (f"{s}.modulation.lin", None, False)
-    top = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-           **{f"time_text_embed.{name}.linear_{n}": f"{ours}.{layer}"
-              for name, ours in (("timestep_embedder", "time_in"), ("text_embedder", "vector_in"),
-                                 ("guidance_embedder", "guidance_in")) if ours != "guidance_in" or cfg.guidance_embed
-              for n, layer in ((1, "in_layer"), (2, "out_layer"))}}
-    out.update({name: (ours, None, False) for name, ours in top.items()})
-    out["norm_out.linear"] = ("final_layer.adaLN_modulation.1", None, True)
-    return out
-
-
 def _xlabs_names(cfg: FluxConfig) -> dict[str, tuple[str, tuple[int, int] | None]]:
     """XLabs' attention-processor LoRAs, mapped as comfy.lora_convert.convert_uso_lora maps them."""
     out: dict[str, tuple[str, tuple[int, int] | None]] = {}
@@ -147,7 +117,7 @@ def _key_map(config_json: str) -> dict[str, Slot]:
         put(f"diffusion_model.{layer}.bias", Slot(layer, None, False, "comfyui", "bias"))
         if layer.endswith(".linear1"):  # ComfyUI's name for the q, k, v rows of a single block's linear1
             put(f"diffusion_model.{layer}_qkv", Slot(layer, (0, 3 * cfg.hidden_size), False, "comfyui"))
-    for name, (layer, rows, swap) in _diffusers_names(cfg).items():
+    for name, (layer, rows, swap) in diffusers_layers(cfg).items():
         for prefix, family in DIFFUSERS_PREFIXES.items():
             put(prefix + name, Slot(layer, rows, swap, family))
         put("lycoris_" + name.replace(".", "_"), Slot(layer, rows, swap, "lycoris"))
@@ -246,7 +216,6 @@ def describe_unknown(path: Path, keys: list[str]) -> CheckpointError:
                                      "the diffusion model, which is all this reader patches")
     examples = ", ".join(f"'{k}'" for k in keys[:4])
     if not any(k.endswith(LORA_MARKERS) for k in keys):
-        from ..flux_keys import detect
         what = "a full FLUX.1 DiT checkpoint" if detect(keys) else "no LoRA tensors"
         return CheckpointError(path, f"holds {what}, not a LoRA ({len(keys)} keys such as {examples})",
                                "lora_up/lora_down, lora_A/lora_B, .diff keys")

@@ -23,18 +23,17 @@ from typing import Callable
 
 import torch
 
+from ..dit_file import DitFile, open_dit
 from ..errors import InputError
-from ..flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
+from ..flux_keys import QUANTIZABLE
+from ..formats import QUANTIZED, WeightFormat
 from ..weights import Checkpoint, Source
-from ..weights.checkpoint import DTYPES, resolve_model_path
-from ..weights.loading import build_tensor, source_shape
-from . import fp8, nvfp4
+from ..weights.checkpoint import DTYPES
+from ..weights.loading import LoadQuantizer, build_tensor, source_shape
 
 log = logging.getLogger(__name__)
 
-COMFY_FORMATS = {"fp8": "float8_e4m3fn", "fp4": "nvfp4"}
 SAFETENSORS_DTYPES = {v: k for k, v in DTYPES.items()}
-QUANTIZABLE = ("double_blocks.", "single_blocks.")
 
 
 @dataclass
@@ -46,56 +45,29 @@ class Entry:
     make: Callable[[], torch.Tensor]
 
 
-def _comfy_quant(fmt: str) -> torch.Tensor:
-    return torch.tensor(list(json.dumps({"format": COMFY_FORMATS[fmt]}).encode("utf-8")), dtype=torch.uint8)
+def _comfy_quant(fmt: WeightFormat) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": fmt.comfy_name}).encode("utf-8")), dtype=torch.uint8)
 
 
-class _Layer:
-    """Quantises one weight once for all the entries that hold its parts."""
-
-    def __init__(self, ckpt: Checkpoint, src: Source, fmt: str):
-        self.ckpt, self.src, self.fmt, self.parts = ckpt, src, fmt, None
-
-    def part(self, name: str) -> torch.Tensor:
-        if self.parts is None:
-            w = build_tensor(self.ckpt, self.src).float()
-            if self.fmt == "fp8":
-                w8, scale = fp8.quantize(w, per_row=False)
-                self.parts = {"weight": w8, "weight_scale": scale.reshape(())}
-            else:
-                self.parts = nvfp4.quantize(w).state_dict()
-        return self.parts.pop(name)  # popped: the layer's memory goes once all its parts are written
-
-
-def plan_output(ckpt: Checkpoint, fmt: str) -> list[Entry]:
-    """The output tensors, in file order, from the input's header alone."""
-    found = detect(ckpt.weight_keys())
-    if found is None:
-        raise InputError(f"{ckpt.path}: not a Flux DiT checkpoint, nothing to quantise")
-    layout, prefix = found
-    config = config_from_shapes(ckpt, layout, prefix)
-    from ..dit import FluxDiT
-
-    with torch.device("meta"):
-        model = FluxDiT(config)
+def plan_output(dit: DitFile, fmt: WeightFormat) -> list[Entry]:
+    """The output tensors, in file order, from the input's header alone; the blocks' linear layers in `fmt` as
+    ComfyUI's mixed files store it (`fmt.for_file()`: fp8 with one scale per tensor)."""
+    fmt = fmt.for_file()
+    model = dit.meta_model()
     names = [n for n, _ in model.named_parameters()]
-    plan = bfl_plan(names, prefix) if layout == "bfl" else diffusers_plan(config, prefix)
+    plan, ckpt = dit.plan, dit.ckpt
     dense = _dense_dtype(ckpt)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantizer = LoadQuantizer(ckpt)  # each weight quantised once for all its tensors, which follow one another
     entries: list[Entry] = []
     for name in names:
         src = plan[name]
         stem = name[: -len(".weight")]
         if name.endswith(".weight") and stem in linears and stem.startswith(QUANTIZABLE):
             n, k = source_shape(ckpt, src)
-            layer = _Layer(ckpt, src, fmt)
-            if fmt == "fp8":
-                parts = [("weight", torch.float8_e4m3fn, (n, k)), ("weight_scale", torch.float32, ())]
-            else:
-                parts = [("weight", torch.uint8, (n, k // 2)),
-                         ("weight_scale", torch.float8_e4m3fn, nvfp4.scale_shape(n, k)),
-                         ("weight_scale_2", torch.float32, ())]
-            entries += [Entry(f"{stem}.{p}", d, s, lambda p=p, layer=layer: layer.part(p)) for p, d, s in parts]
+            for leaf, (shape, dtype) in fmt.params(n, k).items():
+                part = Source(src.keys, src.op, quant=(fmt, leaf))
+                entries.append(Entry(f"{stem}.{leaf}", dtype, shape, lambda part=part: quantizer.part(part)))
             q = _comfy_quant(fmt)
             entries.append(Entry(f"{stem}.comfy_quant", torch.uint8, tuple(q.shape), lambda q=q: q))
         else:
@@ -129,18 +101,20 @@ def _header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
 def quantize_file(src: str | os.PathLike, out: str | os.PathLike, precision: str, overwrite: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Write `src` (any DiT layout load_dit reads) as `out` in ComfyUI's mixed layout at `precision` (fp8, fp4)."""
-    if precision not in COMFY_FORMATS:
-        raise InputError(f"precision must be one of {', '.join(COMFY_FORMATS)}, got {precision!r}")
+    fmt = QUANTIZED.get(precision)
+    if fmt is None:
+        raise InputError(f"precision must be one of {', '.join(QUANTIZED)}, got {precision!r}")
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     if not out.parent.is_dir():
         raise InputError(f"output folder {out.parent} does not exist")
-    ckpt = Checkpoint(resolve_model_path(src, "transformer"))
+    dit = open_dit(src)
+    ckpt = dit.ckpt
     if ckpt.quantized:
         log.warning("%s is already quantised: its weights are dequantised and quantised again (lossy twice)",
                     ckpt.path.name)
-    entries = plan_output(ckpt, precision)
+    entries = plan_output(dit, fmt)
     metadata = {"format": "pt", "kontext_quantized": precision}
     if "kontext_config" in ckpt.metadata:
         metadata["kontext_config"] = ckpt.metadata["kontext_config"]

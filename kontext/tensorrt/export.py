@@ -27,6 +27,7 @@ from torch import nn
 
 from ..dit import FluxDiT
 from ..errors import InputError
+from ..formats import WeightFormat, layer_format
 from ..precision import dense_name
 from ..rope import Positions
 from . import qdq
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 
 INPUTS = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
 OUTPUT = "pred"
-# Dense and fp8 graphs use opset 21 (float8 DequantizeLinear needs 19, widely parsed by TensorRT); FLOAT4E2M1 needs 23.
-OPSETS = {"fp4": 23}
+# Dense and fp8 graphs use opset 21 (float8 DequantizeLinear needs 19, widely parsed by TensorRT); a format whose
+# export step needs more says so (WeightFormat.export_opset: NVFP4's FLOAT4E2M1 needs 23).
 DEFAULT_OPSET = 21
 EXTERNAL_DATA_BYTES = 2**31 - 2**27  # a protobuf holds under 2 GiB: past ~1.9 GB the weights go beside the graph
 META_PREFIX = "kontext."
@@ -107,13 +108,17 @@ def example_inputs(dit: FluxDiT, tokens: int, batch: int = 2, text: int = TEXT_T
             torch.full((batch,), 0.5), torch.randn(batch, c.vec_in_dim, generator=g), torch.full((batch,), 2.5))
 
 
-def precision_of(dit: FluxDiT) -> str:
-    fmts = {m.fmt for m in dit.modules() if getattr(m, "fmt", "dense") != "dense"}
+def quantized_format(dit: FluxDiT) -> WeightFormat | None:
+    """The one quantised format of the DiT's layers (None: dense); a DiT mixing formats is refused."""
+    fmts = {f for m in dit.modules() if (f := layer_format(m)) is not None and f.quantized}
     if len(fmts) > 1:
-        raise InputError(f"a DiT mixing {sorted(fmts)} layers cannot be exported as one precision")
-    if fmts:
-        return fmts.pop()
-    return dense_name(dit.compute_dtype)
+        raise InputError(f"a DiT mixing {sorted(f.name for f in fmts)} layers cannot be exported as one precision")
+    return fmts.pop() if fmts else None
+
+
+def precision_of(dit: FluxDiT) -> str:
+    fmt = quantized_format(dit)
+    return fmt.name if fmt is not None else dense_name(dit.compute_dtype)
 
 
 def export_onnx(dit: FluxDiT, out: str | os.PathLike, *, profiles: list[Profile] | None = None,
@@ -129,7 +134,8 @@ def export_onnx(dit: FluxDiT, out: str | os.PathLike, *, profiles: list[Profile]
     check_output(out, data, overwrite)
     profiles = profiles or kontext_profiles()
     precision = precision_of(dit)
-    opset = OPSETS.get(precision, DEFAULT_OPSET)
+    fmt = quantized_format(dit)
+    opset = (fmt.export_opset if fmt is not None else None) or DEFAULT_OPSET
     lo, hi = token_range(profiles)
     text_lo, text_hi = token_range(profiles, "text")
     from torch.export import Dim

@@ -1,7 +1,7 @@
 """Quantised weights as explicit ONNX DequantizeLinear nodes, for the export.
 
-At export time each fp8 / fp4 linear layer of the DiT is stood in for by a layer whose weight goes through one of the
-two custom ops below; the exporter translates each into DequantizeLinear nodes on the stored weight, the pattern
+At export time each fp8 / fp4 linear layer of the DiT is stood in for by a layer whose weight goes through its
+format's custom op (kontext.formats: `WeightFormat.export_tensors` and `export_dequantize`); the exporter translates each into DequantizeLinear nodes on the stored weight, the pattern
 TensorRT's explicit quantisation looks for ("an IDequantizeLayer between the weights and the linear operator"):
 - fp8: DequantizeLinear(float8 weight [N, K], float32 scale (one, or one per output row on axis 0));
 - NVFP4: DequantizeLinear(e4m3 block scales [N, K/16], float32 tensor scale) -> float32 block scales, then
@@ -18,43 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import Fp4Linear, Fp8Linear
+from ..formats import layer_format
+from ..formats.fp8 import dequantize_fp8
+from ..formats.nvfp4 import dequantize_nvfp4, swap_nibbles
 from ..quant import nvfp4
 
-
-@torch.library.custom_op("kontext::dequantize_fp8", mutates_args=())
-def dequantize_fp8(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8 [N, K] and a float32 scale (0-dim or [N]) -> float32 [N, K]."""
-    s = scale.float().reshape(-1, 1) if scale.numel() > 1 else scale.float().reshape(())
-    return w8.float() * s
-
-
-@dequantize_fp8.register_fake
-def _(w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return w8.new_empty(w8.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("kontext::dequantize_nvfp4", mutates_args=())
-def dequantize_nvfp4(w4: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
-    """float4_e2m1fn_x2 [N, K/2] (ONNX nibble order), e4m3 [N, K/16], float32 0-dim -> float32 [N, K]."""
-    high_first = swap_nibbles(w4.view(torch.uint8))
-    n, k = w4.shape[0], w4.shape[1] * 2
-    values = nvfp4.decode_e2m1(nvfp4.unpack_nibbles(high_first)).view(n, k // nvfp4.BLOCK, nvfp4.BLOCK)
-    return (values * block_scales.float()[..., None] * tensor_scale.float()).view(n, k)
-
-
-@dequantize_nvfp4.register_fake
-def _(w4: torch.Tensor, block_scales: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
-    return w4.new_empty((w4.shape[0], w4.shape[1] * 2), dtype=torch.float32)
-
-
-def swap_nibbles(b: torch.Tensor) -> torch.Tensor:
-    """uint8 with the pair order flipped: high-nibble-first <-> low-nibble-first."""
-    return (b << 4) | (b >> 4)
+__all__ = ["QdqLinear", "dequantize_fp8", "dequantize_nvfp4", "quantised_layers", "swap_nibbles", "translations"]
 
 
 def translations(opset: int) -> dict:
-    """The exporter's translation of the two ops into DequantizeLinear nodes of `opset`."""
+    """The exporter's translation of the formats' dequantise ops into DequantizeLinear nodes of `opset`."""
     from onnxscript import values
 
     op = values.Opset("", opset)
@@ -70,28 +43,23 @@ def translations(opset: int) -> dict:
 
 
 class QdqLinear(nn.Module):
-    """A quantised linear layer's export stand-in: the same stored values, its weight through a dequantise op."""
+    """A quantised linear layer's export stand-in: the same stored values, in the layout its format's export step
+    reads (`WeightFormat.export_tensors`), its weight through the format's dequantise op."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        self.fmt = layer.fmt
+        fmt = layer_format(layer)
+        assert fmt is not None and fmt.quantized, f"{type(layer).__name__} is not a quantised linear layer"
+        self.format = fmt
         self.lora_branch = layer.lora_branch
         self.bias = layer.bias
-        if isinstance(layer, Fp8Linear):
-            self.weight, self.weight_scale = layer.weight, layer.weight_scale
-        else:
-            n, k = layer.out_features, layer.in_features
-            swapped = swap_nibbles(layer.weight.detach())
-            self.weight = nn.Parameter(swapped.view(torch.float4_e2m1fn_x2), requires_grad=False)
-            scales = nvfp4.unswizzle_scales(layer.weight_scale.detach(), n, k // nvfp4.BLOCK)
-            self.weight_scale = nn.Parameter(scales.contiguous(), requires_grad=False)
-            self.weight_scale_2 = nn.Parameter(layer.weight_scale_2.detach().float().reshape(()),
-                                               requires_grad=False)
+        self._leaves = []
+        for leaf, t in fmt.export_tensors(layer).items():
+            setattr(self, leaf, t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False))
+            self._leaves.append(leaf)
 
     def dequantized(self) -> torch.Tensor:
-        if self.fmt == "fp8":
-            return dequantize_fp8(self.weight, self.weight_scale)
-        return dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2)
+        return self.format.export_dequantize({leaf: getattr(self, leaf) for leaf in self._leaves})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -101,4 +69,4 @@ class QdqLinear(nn.Module):
 
 
 def quantised_layers(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, (Fp8Linear, Fp4Linear))]
+    return [name for name, m in model.named_modules() if (f := layer_format(m)) is not None and f.quantized]

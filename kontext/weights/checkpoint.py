@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from .quantized import dequantize, describe_quantized, logical_shape
+from ..formats.stored import describe_quantized
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -215,7 +215,7 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         """The shape `read(key)` returns (a packed NVFP4 weight [N, K/2] is [N, K])."""
         q = self.quantized.get(key)
-        return logical_shape(q, self.infos[key].shape) if q else self.infos[key].shape
+        return q.format.logical_shape(self.infos[key].shape) if q else self.infos[key].shape
 
     def stored_shape(self, key: str) -> tuple[int, ...]:
         return self.infos[key].shape
@@ -257,6 +257,6 @@ class Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """A model tensor in a float dtype: quantised weights are dequantised to float32 with their scales."""
         if key in self.quantized:
-            return dequantize(self, self.quantized[key])
+            return self.quantized[key].format.read(self, self.quantized[key])
         t = self.raw(key)
         return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
+from ..formats import WeightFormat
 from .checkpoint import Checkpoint
 
 
@@ -25,9 +26,9 @@ class Source:
 
     keys: tuple[str, ...]
     op: str = "copy"  # "copy" | "cat" | "swap_halves" | "as_conv1x1" | "raw" | "scale" | "unit"
-    # Quantise on load: (format, part), e.g. ("fp8", "weight"), ("fp4", "block"); the parts of one weight share
-    # one quantisation (see quantized_part).
-    quant: tuple[str, str] | None = None
+    # Quantise on load: (format, parameter), e.g. (FP8, "weight_scale"); the parameters of one weight share one
+    # quantisation (see LoadQuantizer).
+    quant: tuple[WeightFormat, str] | None = None
 
     @staticmethod
     def of(key: str) -> "Source":
@@ -39,7 +40,9 @@ Plan = dict[str, Source]
 
 def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
     if src.quant is not None:
-        return quantized_shape(source_shape(ckpt, Source(src.keys, src.op)), *src.quant)
+        fmt, leaf = src.quant
+        n, k = source_shape(ckpt, Source(src.keys, src.op))
+        return fmt.params(n, k)[leaf][0]
     if src.op == "unit":
         return ()
     if src.op == "raw":
@@ -57,41 +60,30 @@ def source_shape(ckpt: Checkpoint, src: Source) -> tuple[int, ...]:
     return shapes[0]
 
 
-def quantized_shape(shape: tuple[int, ...], fmt: str, part: str) -> tuple[int, ...]:
-    n, k = shape
-    if fmt == "fp8":
-        return {"weight": (n, k), "scale": (n,)}[part]
-    from ..quant import nvfp4
+class LoadQuantizer:
+    """Weights quantised on load, for one load (or one file written): each weight is read and quantised once for all
+    its parameters, which are consecutive in a plan; a parameter is handed out once, so at most one layer's tensors
+    are held."""
 
-    return {"weight": (n, k // 2), "block": nvfp4.scale_shape(n, k), "tensor": ()}[part]
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self._of: tuple[Source, WeightFormat] | None = None
+        self._parts: dict[str, torch.Tensor] = {}
 
-
-_last_quantized: list = [None, None]  # (source, parts) of the last weight quantised on load
-
-
-def quantized_part(ckpt: Checkpoint, src: Source) -> torch.Tensor:
-    """One part of a weight quantised on load; the weight is read and quantised once for all its parts (the
-    parts are consecutive parameters of one layer)."""
-    base, (fmt, part) = Source(src.keys, src.op), src.quant
-    if _last_quantized[0] != (base, fmt):
-        w = build_tensor(ckpt, base).float()
-        if fmt == "fp8":
-            from ..quant import fp8
-
-            w8, scale = fp8.quantize(w, per_row=True)
-            parts = {"weight": w8, "scale": scale}
-        else:
-            from ..quant import nvfp4
-
-            q = nvfp4.quantize(w)
-            parts = {"weight": q.packed, "block": q.block_scales, "tensor": q.tensor_scale.float().reshape(())}
-        _last_quantized[:] = [(base, fmt), parts]
-    return _last_quantized[1][part]
+    def part(self, src: Source) -> torch.Tensor:
+        assert src.quant is not None
+        base, (fmt, leaf) = Source(src.keys, src.op), src.quant
+        if self._of != (base, fmt) or leaf not in self._parts:
+            self._parts = fmt.quantize(build_tensor(self.ckpt, base).float())
+            self._of = (base, fmt)
+        return self._parts.pop(leaf)
 
 
-def build_tensor(ckpt: Checkpoint, src: Source) -> torch.Tensor:
+def build_tensor(ckpt: Checkpoint, src: Source, quantizer: LoadQuantizer | None = None) -> torch.Tensor:
+    """The tensor `src` describes; a part of a weight quantised on load comes from `quantizer` (the load's own,
+    which quantises each weight once for all its parts)."""
     if src.quant is not None:
-        return quantized_part(ckpt, src)
+        return (quantizer or LoadQuantizer(ckpt)).part(src)
     if src.op == "unit":
         return torch.ones(())
     if src.op == "raw":
@@ -141,9 +133,10 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
         raise InputError(f"cannot compute in {dtype!r}: expected torch.float32, torch.float16 or torch.bfloat16")
     device = as_device(device)
     check_plan(model, plan, ckpt, what)
+    quantizer = LoadQuantizer(ckpt)
     for name, _ in list(model.named_parameters()):
         src = plan[name]
-        t = build_tensor(ckpt, src)
+        t = build_tensor(ckpt, src, quantizer)
         if src.op == "raw" or src.quant is not None:  # quantised values stay exactly as stored or made
             target = t.dtype
         elif src.op in ("scale", "unit") or (keep_fp32 is not None and keep_fp32(name)):
@@ -151,7 +144,6 @@ def load_plan(model: nn.Module, plan: Plan, ckpt: Checkpoint, *, what: str, devi
         else:
             target = dtype
         set_parameter(model, name, t.to(device=device, dtype=target))
-    _last_quantized[:] = [None, None]
     for name, buf in model.named_buffers():
         if buf.is_meta:  # models compute derived tables on the fly; a meta buffer here is a bug, not user error
             raise RuntimeError(f"{type(model).__name__} has an unloaded buffer {name}")
