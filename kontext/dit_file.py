@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from torch import nn
 
 from .config import FluxConfig
+from .dit import FluxDiT
 from .errors import CheckpointError
 from .flux_keys import bfl_plan, config_from_shapes, detect, diffusers_plan
 from .formats import StoredQuant, narrowest
@@ -35,10 +35,8 @@ class DitFile:
     def path(self):
         return self.ckpt.path
 
-    def meta_model(self, dtype: torch.dtype | None = None) -> nn.Module:
+    def meta_model(self, dtype: torch.dtype | None = None) -> FluxDiT:
         """The DiT for this file's config, built on the `meta` device (nothing is allocated)."""
-        from .dit import FluxDiT
-
         with torch.device("meta"):
             return FluxDiT(self.config) if dtype is None else FluxDiT(self.config, dtype=dtype)
 

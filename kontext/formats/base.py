@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Mapping, Protocol
+from typing import Any, ClassVar, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -20,9 +20,14 @@ StoredSource = tuple["str | None", str]
 class StoredTensors(Protocol):
     """What a format reads off a checkpoint (kontext.weights.Checkpoint is one): the header, and single tensors."""
 
-    path: Path
-    infos: Mapping
-    metadata: Mapping[str, str]
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def infos(self) -> Mapping[str, Any]: ...  # key -> its header entry (.dtype, .shape)
+
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
 
     def raw(self, key: str) -> torch.Tensor: ...
 

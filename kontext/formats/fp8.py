@@ -162,6 +162,7 @@ class Fp8Format(WeightFormat):
 
     # ---- export: DequantizeLinear(float8 weight [N, K], float32 scale (one, or one per output row on axis 0))
     def export_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        assert isinstance(layer, Fp8Linear)
         return {"weight": layer.weight, "weight_scale": layer.weight_scale}
 
     def export_dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -21,6 +21,10 @@ class Fp4Linear(CastAtUse, nn.Module):
     `full_precision` and under a run-time weight function, weight-only (W4A16): dequantised to the compute dtype
     at use. The path taken is logged once."""
 
+    weight: nn.Parameter  # the tensors of NVFP4.params, made in __init__
+    weight_scale: nn.Parameter
+    weight_scale_2: nn.Parameter
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_scale: bool = False,
                  full_precision: bool = False, device=None):
         super().__init__()
@@ -60,8 +64,8 @@ class Fp4Linear(CastAtUse, nn.Module):
     def _nvfp4_matmul(self, x: torch.Tensor, api: str) -> torch.Tensor | None:
         """The NVFP4 matmul, or None when the kernel refuses (a driver, cuBLAS or torch build without it): then
         one warning, and every fp4 layer computes weight-only from this call on."""
-        weight = tuple(t.to(x.device, non_blocking=True) for t in (self.weight, self.weight_scale,
-                                                                   self.weight_scale_2))
+        weight = (self.weight.to(x.device, non_blocking=True), self.weight_scale.to(x.device, non_blocking=True),
+                  self.weight_scale_2.to(x.device, non_blocking=True))
         try:
             return fp4_mm.fp4_linear(x, weight, self.cast_bias(self.bias, x), api)
         except torch.OutOfMemoryError:  # not the kernel's fault, and weight-only would need more memory
@@ -151,6 +155,7 @@ class Nvfp4Format(WeightFormat):
     # then DequantizeLinear(FLOAT4E2M1 weight [N, K], those, axis=1, block_size=16). The nibbles are swapped into
     # ONNX's order (first element in the low nibble) and the block scales unswizzled from cuBLAS's tiles.
     def export_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        assert isinstance(layer, Fp4Linear)
         n, k = layer.out_features, layer.in_features
         return {"weight": swap_nibbles(layer.weight.detach()).view(torch.float4_e2m1fn_x2),
                 "weight_scale": nvfp4.unswizzle_scales(layer.weight_scale.detach(), n, k // nvfp4.BLOCK).contiguous(),

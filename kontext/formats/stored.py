@@ -91,8 +91,7 @@ def _full_precision_marker(ckpt: StoredTensors) -> bool:
 
 def _mixed(ckpt: StoredTensors, stem: str, conf: dict) -> StoredQuant:
     name = conf.get("format")
-    fmt = COMFY_NAMES.get(name) if isinstance(name, str) else None
-    if fmt is None:
+    if not isinstance(name, str) or name not in COMFY_NAMES:
         raise CheckpointError(ckpt.path, f"layer '{stem}' uses the quantisation format {name!r}, which is not "
                                          "supported", f"one of {', '.join(COMFY_NAMES)}")
-    return fmt.describe(ckpt, stem, name, bool(conf.get("full_precision_matrix_mult", False)))
+    return COMFY_NAMES[name].describe(ckpt, stem, name, bool(conf.get("full_precision_matrix_mult", False)))

@@ -13,6 +13,7 @@ written beside OUT and renamed at the end, so an interrupted run never leaves a 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -66,8 +67,9 @@ def plan_output(dit: DitFile, fmt: WeightFormat) -> list[Entry]:
         if name.endswith(".weight") and stem in linears and stem.startswith(QUANTIZABLE):
             n, k = source_shape(ckpt, src)
             for leaf, (shape, dtype) in fmt.params(n, k).items():
+                assert dtype is not None, "a quantised format stores its tensors in dtypes of its own"
                 part = Source(src.keys, src.op, quant=(fmt, leaf))
-                entries.append(Entry(f"{stem}.{leaf}", dtype, shape, lambda part=part: quantizer.part(part)))
+                entries.append(Entry(f"{stem}.{leaf}", dtype, shape, functools.partial(quantizer.part, part)))
             q = _comfy_quant(fmt)
             entries.append(Entry(f"{stem}.comfy_quant", torch.uint8, tuple(q.shape), lambda q=q: q))
         else:
