@@ -2,7 +2,8 @@
 
 At export time each fp8 / fp4 linear layer of the DiT is stood in for by a layer whose weight goes through its
 format's custom op (kontext.formats: `WeightFormat.export_tensors` and `export_dequantize`); the exporter
-translates each into DequantizeLinear nodes on the stored weight (`translations` below), the pattern TensorRT's explicit quantisation looks for ("an IDequantizeLayer between the weights and the linear operator"):
+translates each into DequantizeLinear nodes on the stored weight (`translations` below), the pattern TensorRT's
+explicit quantisation looks for ("an IDequantizeLayer between the weights and the linear operator"):
 - fp8: DequantizeLinear(float8 weight [N, K], float32 scale (one, or one per output row on axis 0));
 - NVFP4: DequantizeLinear(e4m3 block scales [N, K/16], float32 tensor scale) -> float32 block scales, then
   DequantizeLinear(FLOAT4E2M1 weight [N, K], those, axis=1, block_size=16), NVFP4's two-level scaling.
