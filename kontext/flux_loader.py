@@ -98,8 +98,8 @@ def _load_engine(path, engine, precision: str | None, loras: Sequence[tuple]):
     return load_engine(engine, source=ckpt.path, precision=precision, preferred=stored_precision(ckpt))
 
 
-def dit_config(path: str | os.PathLike) -> FluxConfig:
-    """The architecture of the DiT at `path`, from its header alone (nothing is loaded)."""
+def dit_config(path: str | os.PathLike | DitFile) -> FluxConfig:
+    """The architecture of the DiT at `path` (or of a DitFile open already), from its header alone."""
     return open_dit(path).config
 
 
