@@ -7,25 +7,21 @@ Each call then maps (latent, sigma, text conditioning, guidance) to a velocity:
     velocity = denoiser(z [B, 16, h, w] model-space latent, sigma, txt [B, L, 4096], pooled [B, 768], guidance [B])
 
 The library's sampler, the Kontext Sampler node and the ComfyUI MODEL all call it; offloading, LoRA and other
-backends (TensorRT) plug in behind `forward`, which sees only BFL-convention tensors and precomputed positions.
+backends (TensorRT) plug in behind the backend's `token_forward` (kontext.backend.DiTBackend), which sees only
+BFL-convention tensors and the positions built here once per run.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Generic, Sequence
 
 import torch
 
-from .dit import PLAIN, BlockRunner, FluxDiT
+from .backend import DiTBackend, P
+from .dit import PLAIN, BlockRunner
 from .errors import InputError
 from .ids import image_ids, text_ids, tokens
-from .rope import Positions
 from .sampling import LATENT_CHANNELS, pack, pad_to_patches, unpack
 from .vae import to_model_space
-
-# (img, txt, timesteps, y, guidance, pe, blocks) -> prediction for every image token: a DiT forward, or another
-# backend's (which may ignore `blocks`).
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Positions,
-                    BlockRunner], torch.Tensor]
 
 
 def reference_tokens(latent: torch.Tensor, space: str = "raw") -> torch.Tensor:
@@ -38,15 +34,13 @@ def reference_tokens(latent: torch.Tensor, space: str = "raw") -> torch.Tensor:
     return pack(pad_to_patches(z))
 
 
-class Denoiser:
-    """DiT + references for one run: `__call__(z, sigma, txt, pooled, guidance) -> velocity [B, 16, h, w]`."""
+class Denoiser(Generic[P]):
+    """A DiT backend + references for one run: `__call__(z, sigma, txt, pooled, guidance) -> velocity [B, 16, h, w]`."""
 
-    def __init__(self, dit: FluxDiT, latent_size: tuple[int, int], ref_latents: Sequence[torch.Tensor] = (),
-                 reference_method: str = "offset", device: torch.device | str | None = None,
-                 forward: Forward | None = None, ref_space: str = "raw"):
+    def __init__(self, dit: DiTBackend[P], latent_size: tuple[int, int], ref_latents: Sequence[torch.Tensor] = (),
+                 reference_method: str = "offset", device: torch.device | str | None = None, ref_space: str = "raw"):
         """`latent_size` (h, w) is the target's, in latent pixels; `ref_latents` are VAE latents [1 or B, 16, h, w]
-        of any sizes, raw (`ref_space="raw"`) or model-space ("model"). `forward` replaces the DiT's own forward
-        (another backend) when given."""
+        of any sizes, raw (`ref_space="raw"`) or model-space ("model")."""
         self.dit = dit
         self.h, self.w = latent_size
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -57,18 +51,12 @@ class Denoiser:
         # Ids are the same for every image of a batch: one row, broadcast.
         self.img_ids = image_ids((self.h, self.w), [tuple(r.shape[2:]) for r in ref_latents], reference_method,
                                  1).to(self.device)
-        # A backend standing in for the DiT (kontext.tensorrt's EngineDiT) brings its own forward.
-        self.forward = forward or getattr(dit, "backend_forward", None) or self._dit_forward
-        self._pe: dict[int, Positions] = {}  # by text length: computed once per run, not per step or block
+        self._pe: dict[int, P] = {}  # by text length: computed once per run, not per step or block
 
-    def positions(self, text_len: int) -> Positions:
+    def positions(self, text_len: int) -> P:
         if text_len not in self._pe:
             self._pe[text_len] = self.dit.positions(text_ids(text_len, 1).to(self.device), self.img_ids)
         return self._pe[text_len]
-
-    def _dit_forward(self, img, txt, timesteps, y, guidance, pe, blocks):
-        # FluxDiT's own forward, also when a host subclass or wrapper gives the module another call signature.
-        return FluxDiT.forward(self.dit, img, None, txt, None, timesteps, y, guidance, pe=pe, blocks=blocks)
 
     def tokens(self, z: torch.Tensor) -> torch.Tensor:
         """[B, 16, h, w] model-space latent -> [B, N, 64]: target tokens, then the references'."""
@@ -91,8 +79,10 @@ class Denoiser:
     def predict(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
                 guidance: torch.Tensor | None, blocks: BlockRunner = PLAIN) -> torch.Tensor:
         """Packed tokens in, the target tokens' velocity [B, n_target, 64] (float32) out."""
+        if not self.dit.capabilities.block_patches and not blocks.is_plain():
+            self.dit.capabilities.require("block_patches")  # the backend's own words
         pe = self.positions(txt.shape[1])
-        return self.forward(img, txt, t, pooled, guidance, pe, blocks)[:, :self.n_target].float()
+        return self.dit.token_forward(img, txt, t, pooled, guidance, pe, blocks)[:, :self.n_target].float()
 
     def __call__(self, z: torch.Tensor, sigma: float | torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor,
                  guidance: float | torch.Tensor | None, blocks: BlockRunner = PLAIN) -> torch.Tensor:

@@ -3,31 +3,39 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Literal, Sequence, overload
 
 import torch
 from torch import nn
 
+from .backend import DiTBackend, named
 from .config import FluxConfig
 from .dit import FluxDiT
 from .errors import InputError
-from .dit_file import DitFile, open_dit, stored_precision
+from .dit_file import DitFile, open_dit
 from .flux_keys import QUANTIZABLE
 from .formats import DENSE as DENSE_FORMAT, StoredQuant, WeightFormat, layer_format
 from .ops import LayerFormats, set_formats
 from .precision import Precision, resolve
 from .weights import Checkpoint, Plan, Source, load_plan
-from .weights.checkpoint import resolve_model_path
 from .weights.loading import as_device
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "tensorrt")
+
+@overload
+def load_dit(path: str | os.PathLike, device: str | torch.device = ..., dtype: torch.dtype | None = ...,
+             precision: str | Precision | None = ..., loras: Sequence[tuple] = ..., lora_mode: str = ...,
+             backend: Literal["torch"] = ..., engine: None = ...) -> FluxDiT: ...
+@overload
+def load_dit(path: str | os.PathLike, device: str | torch.device = ..., dtype: torch.dtype | None = ...,
+             precision: str | Precision | None = ..., loras: Sequence[tuple] = ..., lora_mode: str = ...,
+             backend: str = ..., engine: str | os.PathLike | None = ...) -> DiTBackend: ...
 
 
 def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              precision: str | Precision | None = None, loras: Sequence[tuple] = (), lora_mode: str = "auto",
-             backend: str = "torch", engine: str | os.PathLike | None = None) -> FluxDiT:
+             backend: str = "torch", engine: str | os.PathLike | None = None) -> DiTBackend:
     """Load a FLUX.1 (Kontext) DiT from a BFL, ComfyUI (prefixed, fp8_scaled, mixed fp8/NVFP4) or diffusers
     checkpoint.
 
@@ -37,14 +45,15 @@ def load_dit(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     `loras` [(file, strength), ...] are applied after loading (see kontext.lora.apply.with_loras; every file is
     read and checked before the DiT is).
 
-    `backend="tensorrt"` runs a built engine instead (`engine`: its .plan or a folder of engines, see
-    kontext.tensorrt): the file at `path` is then only hashed, so that an engine built from another model is
-    refused as stale; it returns a kontext.tensorrt.runtime.EngineDiT, used wherever a FluxDiT is.
+    Another registered `backend` (kontext.backend) loads its own model instead: `backend="tensorrt"` runs a built
+    engine (`engine`: its .plan or a folder of engines, see kontext.tensorrt); the file at `path` is then only
+    hashed, so that an engine built from another model is refused as stale. It returns that backend's model (a
+    kontext.backend.DiTBackend, used wherever the PyTorch DiT is), after refusing what the backend cannot do.
     """
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "tensorrt":
-        return _load_engine(path, engine, precision, loras)
+    other = named(backend)
+    if other.load is not None:
+        other.capabilities.check_request(None, loras)
+        return other.load(path, engine, precision)
     if engine is not None:
         raise InputError("an engine is run by backend='tensorrt' (--backend tensorrt); the torch backend takes none")
     device = as_device(device)
@@ -82,20 +91,6 @@ def _count(formats: LayerFormats) -> str:
         counts[fmt.name] = counts.get(fmt.name, 0) + 1
     return " and ".join(f"{n} {name}" for name, n in counts.items()) + " linear layers" if counts else \
         "no quantised linear layers"
-
-
-def _load_engine(path, engine, precision: str | None, loras: Sequence[tuple]):
-    from .tensorrt import check_request
-    from .tensorrt.runtime import load_engine
-
-    check_request(None, loras)
-    if engine is None:
-        raise InputError("backend='tensorrt' needs the engine: its .plan file or the folder of engines "
-                         "(--engine DIR; `python -m kontext build-engine` makes one)")
-    if precision == "auto":
-        precision = None
-    ckpt = Checkpoint(resolve_model_path(path, "transformer"))
-    return load_engine(engine, source=ckpt.path, precision=precision, preferred=stored_precision(ckpt))
 
 
 def dit_config(path: str | os.PathLike | DitFile) -> FluxConfig:

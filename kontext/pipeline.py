@@ -16,8 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from .backend import DiTBackend, named
 from .denoiser import Denoiser
-from .dit import PLAIN, BlockRunner, FluxDiT
+from .dit import PLAIN, BlockRunner
 from .errors import InputError
 from .params import LIBRARY, SamplingParams
 from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, schedule_for_denoise
@@ -69,7 +70,7 @@ def _check_size(width: object, height: object) -> None:
 
 
 @torch.no_grad()
-def sample_latent(dit: FluxDiT, txt: torch.Tensor, pooled: torch.Tensor, *, ref_latents: Sequence[torch.Tensor] = (),
+def sample_latent(dit: DiTBackend, txt: torch.Tensor, pooled: torch.Tensor, *, ref_latents: Sequence[torch.Tensor] = (),
                   width: int, height: int, seed: int = 0, steps: int = 28, guidance: float = 2.5,
                   true_cfg: float = 1.0, neg_txt: torch.Tensor | None = None, neg_pooled: torch.Tensor | None = None,
                   denoise: float = 1.0, init_latent: torch.Tensor | None = None, reference_method: str = "offset",
@@ -162,7 +163,7 @@ class KontextPipeline:
 
     compiled = False  # the DiT's blocks are compiled (from_files(compile=True))
 
-    def __init__(self, dit: FluxDiT, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True,
+    def __init__(self, dit: DiTBackend, vae, clip, t5, tokenizers, device: torch.device, offload: bool = True,
                  dit_offload: str = "none"):
         self.dit, self.vae, self.clip, self.t5, self.tokenizers = dit, vae, clip, t5, tokenizers
         self.base_dit = dit  # without LoRAs: set_loras always starts from it
@@ -176,9 +177,7 @@ class KontextPipeline:
         from .lora.apply import with_loras
 
         if loras:
-            from .tensorrt import refuse_loras
-
-            refuse_loras(self.base_dit)
+            self.base_dit.capabilities.require("lora")
         self.dit = with_loras(self.base_dit, loras, mode) if loras else self.base_dit
         if self.compiled:  # with_loras's block copies still hold the base blocks' compiled calls: rebind them
             self._compile_dit()
@@ -209,10 +208,7 @@ class KontextPipeline:
 
         _check_dit_offload(dit_offload)
         device = as_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if backend == "tensorrt":  # before anything is read or loaded
-            from .tensorrt import check_request
-
-            check_request(device, loras, dit_offload, compile)
+        named(backend).capabilities.check_request(device, loras, dit_offload, compile)  # before anything loads
         if dit_offload != "none" and device.type == "cpu":
             log.info("dit_offload=%r has nothing to do on the CPU: the DiT is in CPU memory already", dit_offload)
             dit_offload = "none"
@@ -230,7 +226,8 @@ class KontextPipeline:
         # fp16 overflows in the VAE's decoder on real images (diffusers' Flux VAE config says force_upcast): fp32.
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype
         dit_device = torch.device("cpu") if dit_offload == "stream" else device
-        with torch.cuda.device(device) if backend == "tensorrt" else nullcontext():  # the engine's GPU
+        # An engine is made on the current CUDA device: make it the run's.
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             dit_model = load_dit(dit, device=dit_device, dtype=dtype, precision=precision, backend=backend,
                                  engine=engine)
         if dit_offload == "stream":

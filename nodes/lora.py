@@ -57,10 +57,9 @@ class KontextLoraLoader:
     def apply(self, model, lora_name: str, strength: float = 1.0):
         from kontext.lora.apply import check_loras, with_loras
         from kontext.lora.formats import read_lora
-        from kontext.tensorrt import refuse_loras
 
         dit = kontext_dit(model)
-        refuse_loras(dit)
+        dit.capabilities.require("lora")
         path = model_path("loras", lora_name, "LoRA")
         check_loras([(path, strength)])
         lora = read_lora(path, dit.config)

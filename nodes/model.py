@@ -203,9 +203,7 @@ def _patcher_class(model_patcher):
     class KontextModelPatcher(model_patcher.ModelPatcher):
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             # ComfyUI's LoRA loaders would find no weight to patch in an engine and go on silently: refuse.
-            from kontext.tensorrt import refuse_loras
-
-            refuse_loras(self.model.diffusion_model.kontext_dit)
+            self.model.diffusion_model.kontext_dit.capabilities.require("lora")
             return super().add_patches(patches, strength_patch, strength_model)
 
         def patch_weight_to_device(self, key, device_to=None, inplace_update=False):

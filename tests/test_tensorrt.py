@@ -290,7 +290,7 @@ def test_engine_cache_selects_what_runs_here_and_says_why_not(tmp_path):
 
 
 def test_the_files_own_precision_is_preferred(tmp_path, tiny_models):
-    from kontext.flux_loader import stored_precision
+    from kontext.dit_file import stored_precision
     from kontext.weights import Checkpoint
 
     for p in ("fp4", "fp8", "bf16"):

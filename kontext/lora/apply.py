@@ -13,7 +13,6 @@ How each changed layer gets its LoRAs:
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..formats import layer_format
+from ..module_tree import copy_path, shallow_copy
 from .formats import LoraFile, LoraPatch, read_lora
 from .math import apply_patches
 
@@ -37,24 +37,6 @@ class Branch:
     """One layer's low-rank LoRAs, joined: out += up @ (down @ x), up [out, R] already scaled, down [R, in]."""
     down: torch.Tensor
     up: torch.Tensor
-
-
-def _shallow(m: nn.Module) -> nn.Module:
-    """A new module object sharing m's submodules and tensors (its own dicts, so replacing one leaves m alone)."""
-    c = copy.copy(m)
-    c._modules, c._parameters, c._buffers = dict(m._modules), dict(m._parameters), dict(m._buffers)
-    return c
-
-
-def _replace(root: nn.Module, name: str) -> nn.Module:
-    """Copy every module on the path to `name` in the (already copied) root; returns the copied layer."""
-    parent = root
-    parts = name.split(".")
-    for part in parts:
-        child = _shallow(parent._modules[part])
-        parent._modules[part] = child
-        parent = child
-    return parent
 
 
 def group(files: Sequence[tuple[LoraFile, float]]) -> dict[str, list[tuple[LoraPatch, float]]]:
@@ -114,9 +96,9 @@ def with_loras(dit: nn.Module, loras: Sequence[tuple[LoraSpec, float]], mode: st
     """A DiT with `loras` [(file, strength), ...] applied; `dit` itself is never changed."""
     check_loras(loras, mode)
     files = read_all(loras, dit.config)
-    out = _shallow(dit)
+    out = shallow_copy(dit)
     for name, patches in group(files).items():
-        layer = _replace(out, name)
+        layer = copy_path(out, name)
         fmt = layer_format(layer)
         on_bias = [(p, s) for p, s in patches if p.target.endswith(".bias")]
         on_weight = [(p, s) for p, s in patches if not p.target.endswith(".bias")]

@@ -28,6 +28,7 @@ from torch import nn
 from ..dit import FluxDiT
 from ..errors import InputError
 from ..formats import WeightFormat, layer_format
+from ..module_tree import copy_path, shallow_copy
 from ..precision import dense_name
 from ..rope import Positions
 from . import qdq
@@ -74,9 +75,7 @@ class ExportedDiT(nn.Module):
 
 def _with_qdq(dit: FluxDiT) -> FluxDiT:
     """A copy of the module tree (tensors shared) with each quantised layer replaced by its Q/DQ stand-in."""
-    from ..lora.apply import _replace, _shallow
-
-    root = _shallow(dit)
+    root = shallow_copy(dit)
     for name in qdq.quantised_layers(dit):
         w = dit.get_submodule(name).weight
         if w.dtype == torch.float8_e5m2:
@@ -84,7 +83,7 @@ def _with_qdq(dit: FluxDiT) -> FluxDiT:
                              "--precision bf16, or write an e4m3 file first (`python -m kontext quantize "
                              "--precision fp8`)")
         parent_name, _, leaf = name.rpartition(".")
-        parent = _replace(root, parent_name) if parent_name else root
+        parent = copy_path(root, parent_name) if parent_name else root
         parent._modules[leaf] = qdq.QdqLinear(dit.get_submodule(name))
     return root
 

@@ -1,8 +1,9 @@
 """The engine behind the denoiser: `EngineDiT` stands where a FluxDiT does (Denoiser, pipeline, the pack's MODEL).
 
-`Denoiser` calls `EngineDiT.backend_forward` instead of the PyTorch forward; it gets the packed tokens, the text,
-the timestep, pooled vector and guidance, and the token ids (EngineDiT.positions keeps the ids, as the engine computes
-RoPE itself). Every call is checked against the engine's profiles first, so a shape it was not built for is refused
+`EngineDiT` is a kontext.backend.DiTBackend: `Denoiser` calls its `token_forward`, which gets the packed tokens, the
+text, the timestep, pooled vector and guidance, and the token ids (EngineDiT.positions keeps the ids, as the engine
+computes RoPE itself). Its capabilities (kontext.tensorrt.CAPABILITIES) say what it cannot do: LoRA, block patches,
+offload, compile. Every call is checked against the engine's profiles first, so a shape it was not built for is refused
 with the bounds, never run. Two executors: TensorRT's (CUDA tensors in and out on the current stream) and, for CPU
 tests and debugging, onnxruntime on the exported graph, so the runtime's logic is tested where no GPU is.
 """
@@ -20,7 +21,7 @@ from torch import nn
 from ..dit import PLAIN, BlockRunner
 from ..errors import InputError
 from ..precision import DENSE
-from . import engine_info
+from . import CAPABILITIES, engine_info
 from .build import engine_info_for, gpu_name, import_tensorrt
 from .export import INPUTS, OUTPUT
 from .profiles import choose
@@ -41,9 +42,9 @@ class EngineIds(NamedTuple):
 
 
 class EngineDiT(nn.Module):
-    """A built engine as a DiT: config, compute dtype, positions() and the backend forward the Denoiser uses."""
+    """A built engine as a DiT backend: config, compute dtype, positions() and the token forward the Denoiser uses."""
 
-    backend = "tensorrt"
+    capabilities = CAPABILITIES
 
     def __init__(self, executor: Executor, info: engine_info.EngineInfo, description: str = ""):
         super().__init__()
@@ -61,11 +62,9 @@ class EngineDiT(nn.Module):
     def positions(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> EngineIds:
         return EngineIds(txt_ids.float(), img_ids.float())
 
-    def backend_forward(self, img: torch.Tensor, txt: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor,
-                        guidance: torch.Tensor | None, pe: EngineIds, blocks: BlockRunner = PLAIN) -> torch.Tensor:
-        if not blocks.is_plain():
-            raise InputError("this model runs as a TensorRT engine, which cannot run ComfyUI's block patches or "
-                             "ControlNet residuals; use the PyTorch backend for them")
+    def token_forward(self, img: torch.Tensor, txt: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor,
+                      guidance: torch.Tensor | None, pe: EngineIds, blocks: BlockRunner = PLAIN) -> torch.Tensor:
+        """The blocks are fused into the engine: `blocks` must be plain (the Denoiser refuses other ones)."""
         B, N = img.shape[:2]
         profile = choose(self.profiles, B, N, txt.shape[1])
         if guidance is None:
@@ -79,8 +78,10 @@ class EngineDiT(nn.Module):
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, pe=None, blocks=PLAIN):
         """BFL's convention, as FluxDiT.forward (ids required; `pe` from positions() replaces them)."""
+        if not blocks.is_plain():
+            self.capabilities.require("block_patches")
         pe = pe if pe is not None else self.positions(txt_ids, img_ids)
-        return self.backend_forward(img, txt, timesteps, y, guidance, pe, blocks)
+        return self.token_forward(img, txt, timesteps, y, guidance, pe, blocks)
 
     def extra_repr(self) -> str:
         return f"{self.info.precision} engine {self.description}"
