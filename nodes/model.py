@@ -6,7 +6,8 @@ ComfyUI's KSampler, SamplerCustomAdvanced, LoRA loaders, ModelSamplingFlux and m
   builds once per run (the references, ids and RoPE tables) and reuses while the references stay the same. Its
   parameters are our DiT's own, under BFL's names, so ComfyUI's LoRA key maps find them.
 - ComfyUI's block patches (`patches_replace["dit"]`), ControlNet residuals and diffusion-model wrappers are honoured
-  where ComfyUI's own Flux honours them; anything else it is handed is named in a warning, once.
+  where ComfyUI's own Flux honours them, with the arguments it gives them (the rope tensor as `pe`, see ComfyRope);
+  anything else it is handed is named in a warning, once.
 - `KontextModelPatcher` is ComfyUI's ModelPatcher, except that a LoRA on an fp8 or fp4 layer is not merged into the
   quantised weight (which would re-quantise it, and ignore its scale): it is applied to the dequantised weight at
   each call, exactly.
@@ -21,10 +22,12 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from kontext.backend import DiTBackend
 from kontext.denoiser import Denoiser
-from kontext.dit import BlockRunner, FluxDiT
+from kontext.dit import BlockRunner
 from kontext.errors import InputError
 from kontext.ids import METHODS
+from kontext.rope import Positions
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -36,15 +39,40 @@ def _warn_once(what: str) -> None:
         log.warning("Kontext model: %s is not supported by the pack's DiT and is ignored", what)
 
 
-class ComfyBlocks(BlockRunner):
-    """Runs the blocks as ComfyUI's Flux does: block replacements from `patches_replace["dit"]`, ControlNet residuals
-    added to the image tokens after each block."""
+class ComfyRope:
+    """The rope tensor ComfyUI's Flux hands its block patches as `pe` (its EmbedND output: [B, 1, N, D/2, 2, 2]
+    float32, each pair's rotation [[cos, -sin], [sin, cos]]), made from our positions once per run and batch size,
+    and read back into our positions when a patch calls the original block with it (a patch may pass another)."""
 
-    def __init__(self, transformer_options: dict, control: dict | None, depths: tuple[int, int]):
+    def __init__(self) -> None:
+        self._ours: Positions | None = None
+        self._theirs: dict[int, torch.Tensor] = {}  # by batch size, for the positions in _ours
+
+    def to_comfy(self, pe: Positions, batch: int) -> torch.Tensor:
+        if self._ours is not pe:  # a new run (the denoiser keeps one Positions per run and text length)
+            self._ours, self._theirs = pe, {}
+        if batch not in self._theirs:
+            rotation = torch.stack((pe.cos, -pe.sin, pe.sin, pe.cos), dim=-1).unflatten(-1, (2, 2))
+            self._theirs[batch] = rotation.expand(batch, *rotation.shape[1:])  # ComfyUI's ids have a row per image
+        return self._theirs[batch]
+
+    def from_comfy(self, pe: torch.Tensor) -> Positions:
+        if self._ours is not None and any(pe is t for t in self._theirs.values()):
+            return self._ours
+        return Positions(pe[..., 0, 0], pe[..., 1, 0])  # the rotation's first column: (cos, sin)
+
+
+class ComfyBlocks(BlockRunner):
+    """Runs the blocks as ComfyUI's Flux does: block replacements from `patches_replace["dit"]` (given ComfyUI's
+    arguments), ControlNet residuals added to the image tokens after each block."""
+
+    def __init__(self, transformer_options: dict, control: dict | None, depths: tuple[int, int],
+                 rope: ComfyRope | None = None):
         self.options = transformer_options  # ComfyUI's own Flux writes block_type/index into it too
         self.depths = depths  # (double, single) block counts, reported as total_blocks
         self.replace = transformer_options.get("patches_replace", {}).get("dit", {})
         self.control = control
+        self.rope = rope or ComfyRope()
 
     def is_plain(self) -> bool:
         residuals = bool(self.control) and any(self.control.get(k) for k in ("input", "output"))
@@ -54,12 +82,12 @@ class ComfyBlocks(BlockRunner):
         self.options.update(block_type="double", block_index=i, total_blocks=self.depths[0])
         if ("double_block", i) in self.replace:
             def original(args):
-                out_img, out_txt = block(args["img"], args["txt"], args["vec"], args["pe"])
+                out_img, out_txt = block(args["img"], args["txt"], args["vec"], self.rope.from_comfy(args["pe"]))
                 return {"img": out_img, "txt": out_txt}
 
-            out = self.replace[("double_block", i)]({"img": img, "txt": txt, "vec": vec, "pe": pe, "attn_mask": None,
-                                                     "transformer_options": self.options},
-                                                    {"original_block": original})
+            args = {"img": img, "txt": txt, "vec": vec, "pe": self.rope.to_comfy(pe, img.shape[0]),
+                    "attn_mask": None, "transformer_options": self.options}
+            out = self.replace[("double_block", i)](args, {"original_block": original})
             img, txt = out["img"], out["txt"]
         else:
             img, txt = block(img, txt, vec, pe)
@@ -71,11 +99,12 @@ class ComfyBlocks(BlockRunner):
     def single(self, i, block, x, vec, pe, n_txt):
         self.options.update(block_type="single", block_index=i, total_blocks=self.depths[1])
         if ("single_block", i) in self.replace:
-            out = self.replace[("single_block", i)]({"img": x, "vec": vec, "pe": pe, "attn_mask": None,
-                                                     "transformer_options": self.options},
-                                                    {"original_block": lambda a: {"img": block(a["img"], a["vec"],
-                                                                                               a["pe"])}})
-            x = out["img"]
+            def original(args):
+                return {"img": block(args["img"], args["vec"], self.rope.from_comfy(args["pe"]))}
+
+            args = {"img": x, "vec": vec, "pe": self.rope.to_comfy(pe, x.shape[0]), "attn_mask": None,
+                    "transformer_options": self.options}
+            x = self.replace[("single_block", i)](args, {"original_block": original})["img"]
         else:
             x = block(x, vec, pe)
         add = self._residual("output", i)
@@ -96,13 +125,14 @@ class KontextFlux(nn.Module):
 
     patch_size = 2  # ComfyUI's Flux model class reads it (concat_cond)
 
-    def __init__(self, dit: FluxDiT):
+    def __init__(self, dit: DiTBackend):
         super().__init__()
         for name, child in dit.named_children():  # the same modules: parameters keep their BFL names
             self.add_module(name, child)
         self.config = dit.config
         object.__setattr__(self, "kontext_dit", dit)  # not a submodule: no second name for each parameter
         self._denoiser: tuple | None = None
+        self._rope = ComfyRope()  # the run's positions as ComfyUI's patches take them
 
     @property
     def dtype(self) -> torch.dtype:  # ComfyUI's BaseModel.get_dtype() asks the diffusion model
@@ -154,11 +184,12 @@ class KontextFlux(nn.Module):
             raise InputError("the conditioning carries no guidance for this guidance-distilled model: add "
                              "FluxGuidance (Kontext's default is 2.5)")
         den = self.denoiser(x, list(ref_latents or []), method)
-        blocks = ComfyBlocks(transformer_options, control, (self.config.depth, self.config.depth_single_blocks))
+        blocks = ComfyBlocks(transformer_options, control, (self.config.depth, self.config.depth_single_blocks),
+                             self._rope)
         return den(x, timestep, context, y, guidance, blocks).to(x.dtype)
 
 
-def unet_config(dit: FluxDiT) -> dict:
+def unet_config(dit: DiTBackend) -> dict:
     """ComfyUI's Flux unet_config for our DiT (its LoRA key maps read depth, single depth and hidden size)."""
     c = dit.config
     return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
@@ -177,7 +208,7 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
             if (f := layer_format(m)) is not None and f.quantized}
 
 
-def comfy_model(dit: FluxDiT, load_device: torch.device, offload_device: torch.device):
+def comfy_model(dit: DiTBackend, load_device: torch.device, offload_device: torch.device):
     """A ComfyUI MODEL (ModelPatcher) around ComfyUI's Flux model class, with our DiT as its diffusion model."""
     import comfy.model_base
     import comfy.model_patcher
@@ -226,7 +257,7 @@ def _patcher_class(model_patcher):
 class StandaloneModel:
     """What the loader returns outside ComfyUI: the parts of a ModelPatcher that the pack's nodes use."""
 
-    def __init__(self, dit: FluxDiT, load_device: torch.device):
+    def __init__(self, dit: DiTBackend, load_device: torch.device):
         self.model = SimpleNamespace(diffusion_model=KontextFlux(dit))
         self.load_device = load_device
 
@@ -234,7 +265,7 @@ class StandaloneModel:
         return f"<Kontext MODEL (no ComfyUI): {type(self.model.diffusion_model).__name__} on {self.load_device}>"
 
 
-def kontext_dit(model) -> FluxDiT:
+def kontext_dit(model) -> DiTBackend:
     """Our DiT inside a MODEL from Load Kontext Model; a clear error for any other MODEL."""
     inner = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(inner, KontextFlux):

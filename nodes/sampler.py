@@ -40,11 +40,6 @@ def _cond(cond, what: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return tokens, pooled, opts
 
 
-def activation_bytes(tokens: int, hidden: int, batch: int, passes: int, dtype: torch.dtype) -> int:
-    """A rough upper bound of the DiT's working memory: ~24 hidden-sized activations per token alive at once."""
-    return int(tokens * hidden * batch * passes * 24 * torch.tensor([], dtype=dtype).element_size())
-
-
 class KontextSampler:
     DESCRIPTION = ("Generates the edited image's latent with FLUX.1 Kontext [dev]: the instruction and reference "
                    "images come in the positive conditioning, the size follows the first reference unless set. "
@@ -91,9 +86,8 @@ class KontextSampler:
 
     def sample(self, model, positive, seed: int, steps: int, guidance: float, true_cfg: float, width: int,
                height: int, denoise: float, negative=None, latent=None):
-        from kontext.ids import tokens as patches
         from kontext.pipeline import sample_latent
-        from kontext.references import output_size
+        from kontext.run_size import activation_bytes, check_latent, run_size, token_count
 
         txt, pooled, opts = _cond(positive, "positive")
         if guidance <= 0:
@@ -116,36 +110,17 @@ class KontextSampler:
         elif negative is not None:
             log.info("Kontext Sampler: negative conditioning ignored because true_cfg is 1")
 
-        init, batch, size_from = None, 1, None
+        init = None
         if latent is not None:
-            init = latent.get("samples") if isinstance(latent, dict) else None
-            if not isinstance(init, torch.Tensor) or init.dim() != 4 or init.shape[1] != 16:
-                raise InputError("latent: expected a Flux LATENT with samples [batch, 16, h, w]")
+            init = check_latent(latent.get("samples") if isinstance(latent, dict) else None)
             if "noise_mask" in latent:
                 log.warning("Kontext Sampler: the latent's noise mask is ignored (no inpainting)")
-            batch, size_from = init.shape[0], (init.shape[3] * 8, init.shape[2] * 8)
-        elif refs:
-            size_from = (refs[0].shape[-1] * 8, refs[0].shape[-2] * 8)
-        elif denoise < 1.0:
-            raise InputError("denoise below 1 needs the latent input (e.g. Kontext VAE Encode of the image to "
-                             "start from); with denoise 1 leave it empty")
-        if init is not None and not width and not height:
-            # Follow the latent exactly, even when it is not a multiple of 16 (ComfyUI's VAEEncode crops to 8):
-            # the engine pads odd latents to whole patches, as ComfyUI does.
-            w, h = size_from
-            output_size(w // 16 * 16, h // 16 * 16)  # range check only
-        else:
-            w, h = output_size(width or None, height or None, size_from)
-            if init is not None and (w, h) != size_from:
-                raise InputError(f"the latent input is {size_from[0]}x{size_from[1]} but width/height ask for "
-                                 f"{w}x{h}: set both to 0 to follow the latent, or match its size")
+        size = run_size(width, height, init, refs, denoise)
+        w, h, batch = size.width, size.height, size.batch
 
         dit = kontext_dit(model)
-        cfg = dit.config
-        image_tokens = [(h // 8, w // 8)] + [tuple(r.shape[-2:]) for r in refs]  # latent sizes
-        tokens = sum(patches(a) * patches(b) for a, b in image_tokens) + txt.shape[1]
-        extra = activation_bytes(tokens, cfg.hidden_size, batch, 2 if neg_txt is not None else 1,
-                                 dit.compute_dtype)
+        extra = activation_bytes(token_count(size, refs, txt.shape[1]), dit.config.hidden_size, batch,
+                                 2 if neg_txt is not None else 1, dit.compute_dtype)
         log.info("Kontext Sampler: %dx%d, %d reference(s), %d steps, guidance %.2f, true_cfg %.2f, seed %d",
                  w, h, len(refs), steps, guidance, true_cfg, seed)
         check_interrupt()

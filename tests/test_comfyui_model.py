@@ -162,3 +162,67 @@ def test_ksampler_lora_and_lowvram_on_our_model_match_comfyuis(tmp_path):
     assert rel("lora.fp8", "lora.fp8_dense") <= 1e-5  # on fp8 weights: no re-quantisation
     assert int(meta["lowvram_layers"]) > 10 and rel("lowvram.partial", "lowvram.full") <= 1e-6
     assert meta["restored"] == "True"  # unloading restored the base weights exactly
+
+
+PATCH_SCRIPT = '''
+    from kontext import load_dit
+
+    theirs = comfy.sd.load_diffusion_model(WEIGHTS, model_options={"dtype": torch.float32})
+    mine = model_for(load_dit(WEIGHTS, precision="fp32", dtype=torch.float32), "cpu")
+    io = load_file(IO)
+    out = {}
+
+    def patched(model, who):
+        def double(args, extra):
+            out[f"double_pe.{who}"] = args["pe"].clone()
+            res = extra["original_block"](args)  # the pe as received
+            return {"img": res["img"] * 1.5, "txt": res["txt"]}
+
+        def single(args, extra):
+            out[f"single_pe.{who}"] = args["pe"].clone()
+            return extra["original_block"]({**args, "pe": args["pe"].clone()})  # another tensor, the same rope
+
+        m = model.clone()
+        m.set_model_patch_replace(double, "dit", "double_block", 0)
+        m.set_model_patch_replace(single, "dit", "single_block", 0)
+        return m
+
+    opts = {"pooled_output": io["y"].repeat(2, 1), "guidance": 2.5, "reference_latents": [io["r1"]],
+            "reference_latents_method": "offset"}
+    pos = [[io["ctx"].repeat(2, 1, 1), opts]]
+    for who, model in (("ours", mine), ("theirs", theirs)):
+        lat = {"samples": torch.zeros(2, 16, 8, 10)}
+        out[f"sample.{who}"] = common_ksampler(patched(model, who), 7, 2, 1.0, "euler", "simple", pos, pos,
+                                               lat)[0]["samples"]
+        out[f"plain.{who}"] = common_ksampler(model, 7, 2, 1.0, "euler", "simple", pos, pos, lat)[0]["samples"]
+    save_file({k: v.float().contiguous() for k, v in out.items()}, OUT)
+'''
+
+
+def test_block_patches_get_comfyuis_rope_tensor(tmp_path):
+    """A patch in patches_replace["dit"] receives as `pe` what ComfyUI's own Flux gives it (its EmbedND tensor
+    [B, 1, N, D/2, 2, 2]), and the original block it calls runs with that pe, passed on or replaced by a copy."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kontext.tiny import write_tiny_dit
+
+    cfg = FluxConfig(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=1, axes_dim=(16, 56, 56))
+    weights = write_tiny_dit(tmp_path / "models", config=cfg)["dit"]
+    g = torch.Generator().manual_seed(0)
+    save_file({"ctx": torch.randn(1, 6, 4096, generator=g), "y": torch.randn(1, 768, generator=g),
+               "r1": torch.randn(1, 16, 7, 9, generator=g)}, tmp_path / "io.safetensors")
+    paths = dict(WEIGHTS=str(weights), IO=str(tmp_path / "io.safetensors"), OUT=str(tmp_path / "out.safetensors"))
+    run_in_comfyui(PATCH_SCRIPT, **paths)
+    out = load_file(paths["OUT"])
+    n = 6 + 4 * 5 + 4 * 5  # text, target and reference tokens
+    for kind in ("double_pe", "single_pe"):
+        ours, theirs = out[f"{kind}.ours"], out[f"{kind}.theirs"]
+        assert ours.shape == theirs.shape == (2, 1, n, 64, 2, 2) and ours.dtype == theirs.dtype == torch.float32
+        assert (ours - theirs).abs().max() <= 1e-6, kind  # the same rope tables, to float32 rounding
+
+    def rel(a, b):
+        return ((out[a] - out[b]).abs().max() / out[b].abs().max()).item()
+
+    assert rel("sample.ours", "sample.theirs") <= 1e-5
+    assert rel("sample.ours", "plain.ours") > 1e-3  # the patches changed the result

@@ -17,7 +17,7 @@ import kontext
 from kontext.denoiser import Denoiser
 from kontext.errors import InputError
 from kontext.vae import to_model_space
-from nodes.model import KontextFlux, StandaloneModel, kontext_dit
+from nodes.model import ComfyRope, KontextFlux, StandaloneModel, kontext_dit
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,37 @@ def test_block_patches_and_controlnet_residuals_as_comfyui_applies_them(dit):
         want = Denoiser(dit, (7, 10))(io["x"], io["t"], io["txt"], io["y"], io["g"], ByHand())
         plain = model(io["x"], io["t"], io["txt"], y=io["y"], guidance=io["g"])
     assert rel_err(got, want) <= 1e-6 and rel_err(got, plain) > 1e-3
+
+
+def test_patches_get_comfyuis_rope_tensor_made_once_a_run(dit):
+    """The `pe` a block patch gets is ComfyUI's layout, [B, 1, N, D/2, 2, 2] = [[cos, -sin], [sin, cos]] per pair
+    (tests/test_comfyui_model.py compares it with ComfyUI's own); it is made once per run and batch size, and a pe
+    handed back, or a copy of it, gives back the run's tables."""
+    io, refs = inputs(batch=2)
+    model = KontextFlux(dit)
+    got = []
+
+    def patch(args, extra):
+        got.append(args["pe"])
+        return extra["original_block"]({**args, "pe": args["pe"].clone()} if len(got) > 1 else args)
+
+    opts = {"patches_replace": {"dit": {("double_block", 0): patch}}}
+    with torch.no_grad():
+        for _ in range(2):
+            patched = model(io["x"], io["t"], io["txt"], y=io["y"], guidance=io["g"], transformer_options=opts)
+        plain = model(io["x"], io["t"], io["txt"], y=io["y"], guidance=io["g"])
+    assert torch.equal(patched, plain)  # the original block ran with the run's own tables
+    assert got[0] is got[1]  # made once, not per step
+    pe = model.denoiser(io["x"], [], "offset").positions(io["txt"].shape[1])
+    n = pe.cos.shape[2]
+    assert got[0].shape == (2, 1, n, pe.cos.shape[-1], 2, 2) and got[0].dtype == torch.float32
+    assert torch.equal(got[0][0, :, :, :, 0, 0], pe.cos[0]) and torch.equal(got[0][0, :, :, :, 0, 1], -pe.sin[0])
+    assert torch.equal(got[0][1, :, :, :, 1, 0], pe.sin[0]) and torch.equal(got[0][1, :, :, :, 1, 1], pe.cos[0])
+    rope = ComfyRope()
+    tensor = rope.to_comfy(pe, 3)
+    assert rope.from_comfy(tensor) is pe and rope.to_comfy(pe, 3) is tensor
+    back = rope.from_comfy(tensor.clone())
+    assert torch.equal(back.cos, pe.cos.expand(3, -1, -1, -1)) and torch.equal(back.sin, pe.sin.expand(3, -1, -1, -1))
 
 
 def test_run_time_weight_functions_never_change_the_stored_weights(tiny_models):
