@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -81,7 +81,7 @@ P = TypeVar("P")  # a backend's per-run positions: kontext.rope.Positions, or an
 class DiTBackend(Protocol[P]):
     """Something that predicts velocity for packed tokens (see the module docstring)."""
 
-    capabilities: ClassVar[Capabilities]
+    capabilities: Capabilities  # declared by the backend's class
     config: FluxConfig
     compute_dtype: torch.dtype
 
