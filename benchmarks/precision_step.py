@@ -41,7 +41,7 @@ import torch
 from kontext.config import FluxConfig
 from kontext.denoiser import Denoiser
 from kontext.dit import FluxDiT
-from kontext.bench import parameter_bytes, quantized_tensors
+from kontext.bench.core import parameter_bytes, quantized_tensors
 from kontext.flux_loader import quantized_formats, resident_bytes
 from kontext.ops import Fp4Linear, Fp8Linear, linear_formats, set_formats
 from kontext.quant import fp8

@@ -21,7 +21,7 @@ from .dit import PLAIN, BlockRunner
 from .errors import InputError
 from .ids import image_ids, text_ids, tokens
 from .sampling import LATENT_CHANNELS, pack, pad_to_patches, unpack
-from .vae import to_model_space
+from .latents import to_model_space
 
 
 def reference_tokens(latent: torch.Tensor, space: str = "raw") -> torch.Tensor:

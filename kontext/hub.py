@@ -7,7 +7,7 @@ cache would double 24 GB of disk. Each file is fetched with `hf_hub_download(loc
 place, so a half-downloaded file never appears under a name ComfyUI would load. Files already in place whose
 safetensors header is intact and whose size matches it are skipped without touching the network.
 
-Sources (checked against the Hub's file listings and ComfyUI's Kontext tutorial):
+Sources (kontext.release lists them):
 - black-forest-labs/FLUX.1-Kontext-dev: flux1-kontext-dev.safetensors, ae.safetensors. Gated: log in on the model
   page, accept the FLUX.1 [dev] Non-Commercial License, and use a token (--token or HF_TOKEN).
 - Comfy-Org/flux1-kontext-dev_ComfyUI: split_files/diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors.
@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError, InputError, KontextError
+from .release import BFL_REPO, FOLDERS, RELEASE, RELEASE_FP8, TOKENIZER_SOURCES, TOKENIZERS_FOLDER
 from .weights.checkpoint import read_header
 
 logger = logging.getLogger(__name__)
 
-BFL_REPO = "black-forest-labs/FLUX.1-Kontext-dev"
-COMFY_FP8_REPO = "Comfy-Org/flux1-kontext-dev_ComfyUI"
-TEXT_REPO = "comfyanonymous/flux_text_encoders"
 STAGING = ".kontext-download"
 
 
@@ -56,29 +54,14 @@ def release_files(fp8: bool = False) -> dict[str, HubFile]:
     fp8=True swaps the two big files for ComfyUI's fp8-scaled ones (12 + 5 GB instead of 24 + 10 GB); the VAE and
     CLIP-L are the same either way, and the VAE still comes from the gated BFL repository.
     """
-    files = {
-        "dit": HubFile(BFL_REPO, "flux1-kontext-dev.safetensors", "diffusion_models", "flux1-kontext-dev.safetensors"),
-        "vae": HubFile(BFL_REPO, "ae.safetensors", "vae", "ae.safetensors"),
-        "clip_l": HubFile(TEXT_REPO, "clip_l.safetensors", "text_encoders", "clip_l.safetensors"),
-        "t5xxl": HubFile(TEXT_REPO, "t5xxl_fp16.safetensors", "text_encoders", "t5xxl_fp16.safetensors"),
-    }
-    if fp8:
-        name = "flux1-dev-kontext_fp8_scaled.safetensors"
-        files["dit"] = HubFile(COMFY_FP8_REPO, f"split_files/diffusion_models/{name}", "diffusion_models", name)
-        name = "t5xxl_fp8_e4m3fn_scaled.safetensors"
-        files["t5xxl"] = HubFile(TEXT_REPO, name, "text_encoders", name)
-    return files
+    return {role: HubFile(f.repo_id, f.repo_path, FOLDERS[role][0], f.name)
+            for role, f in (RELEASE_FP8 if fp8 else RELEASE).items()}
 
 
 # The two tokenizers, from the BFL repository's tokenizer/ and tokenizer_2/ into our layout under models/tokenizers/
 # (ComfyUI ships its own copies in its code tree; the command line and the library need these when run alone).
-TOKENIZER_FILES = tuple(
-    HubFile(BFL_REPO, f"{src}/{name}", f"tokenizers/{dst}", name)
-    for src, dst, names in (("tokenizer", "clip_l", ("vocab.json", "merges.txt", "special_tokens_map.json",
-                                                     "tokenizer_config.json")),
-                            ("tokenizer_2", "t5xxl", ("tokenizer.json", "special_tokens_map.json",
-                                                      "tokenizer_config.json")))
-    for name in names)
+TOKENIZER_FILES = tuple(HubFile(BFL_REPO, f"{src}/{name}", f"{TOKENIZERS_FOLDER}/{dst}", name)
+                        for src, dst, names in TOKENIZER_SOURCES for name in names)
 
 
 def download(to: Path, fp8: bool = False, token: str | None = None, progress: bool = True) -> dict[str, Path]:
@@ -103,7 +86,7 @@ def download(to: Path, fp8: bool = False, token: str | None = None, progress: bo
                 final = f.target(root)
                 if _complete(final):
                     logger.info("%s: already complete, skipped", final)
-                    done[key] = root / "tokenizers" if key == "tokenizers" else final
+                    done[key] = root / TOKENIZERS_FOLDER if key == "tokenizers" else final
                     continue
                 logger.info("downloading %s/%s -> %s", f.repo_id, f.filename, final)
                 local = staging / f.repo_id.replace("/", "--")
@@ -112,7 +95,7 @@ def download(to: Path, fp8: bool = False, token: str | None = None, progress: bo
                 except Exception as exc:
                     raise _explain(exc, f) from exc
                 _move(Path(got), final)
-                done[key] = root / "tokenizers" if key == "tokenizers" else final
+                done[key] = root / TOKENIZERS_FOLDER if key == "tokenizers" else final
     finally:
         if not progress and not bars_were_off:
             enable_progress_bars()

@@ -22,7 +22,7 @@ from .dit import PLAIN, BlockRunner
 from .errors import InputError
 from .params import LIBRARY, SamplingParams
 from .sampling import euler_sample, flux_schedule, noise_for_denoise, noise_latent, schedule_for_denoise
-from .vae import to_model_space, to_raw
+from .latents import to_model_space, to_raw
 from .vae_tiling import decode_or_tiled
 
 log = logging.getLogger(__name__)

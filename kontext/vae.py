@@ -1,8 +1,9 @@
 """The Flux autoencoder (BFL's `ae.safetensors`): pixels in [-1, 1] <-> 16-channel latents at 1/8 of the resolution.
 
 Parameter names are BFL's, so the release file loads without renaming; the diffusers `vae/` layout is renamed onto
-them at load time. `encode` returns the raw posterior mean and `decode` takes a raw latent: the SCALE/SHIFT below are
-applied around the DiT by the caller, `(z - SHIFT) * SCALE`, as ComfyUI does, so our latents and ComfyUI's are equal.
+them at load time. `encode` returns the raw posterior mean and `decode` takes a raw latent: kontext.latents' SCALE and
+SHIFT are applied around the DiT by the caller, `(z - SHIFT) * SCALE`, as ComfyUI does, so our latents and ComfyUI's
+are equal.
 """
 from __future__ import annotations
 
@@ -17,24 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, InputError
+from .latents import SCALE, SHIFT
 from .weights import Checkpoint, Plan, Source, count_indexed, load_plan
 from .weights.checkpoint import resolve_model_path
 from .weights.identify import describe
 
 log = logging.getLogger(__name__)
-
-SCALE = 0.3611
-SHIFT = 0.1159
-
-
-def to_model_space(raw: torch.Tensor) -> torch.Tensor:
-    """A raw VAE latent (ComfyUI's LATENT) as the DiT sees it."""
-    return (raw - SHIFT) * SCALE
-
-
-def to_raw(z: torch.Tensor) -> torch.Tensor:
-    """The inverse of to_model_space."""
-    return z / SCALE + SHIFT
 
 EXPECTED = "a 16-channel Flux VAE (ae.safetensors, BFL or diffusers vae/ layout)"
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-import kontext.bench_modes as modes
+import kontext.bench.modes as modes
 from kontext.bench import SIZES, Row, Setup, bench, make_inputs
 from kontext.cli import main
 
@@ -228,12 +228,12 @@ def test_comfyui_elsewhere_is_one_line(tmp_path, monkeypatch):
     (["--cuda-graphs"], "--cuda-graphs: CUDA graphs need a CUDA device"),
 ])
 def test_bad_input_exits_2(args, message, monkeypatch):
-    import kontext.bench
+    import kontext.bench.core
 
     def no_models(*_a, **_k):
         raise AssertionError("a mistake must be reported before any model is built")
 
-    monkeypatch.setattr(kontext.bench, "build", no_models)
+    monkeypatch.setattr(kontext.bench.core, "build", no_models)
     rc, out, err = run([*TINY, *args])
     assert rc == 2, out + err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -30,7 +30,7 @@ import kontext
 import kontext.hub
 import kontext.tiny
 from kontext.cli import build_parser, main
-from kontext.cli_edit import output_format
+from kontext.cli.edit import output_format
 from kontext.errors import Cancelled, InputError, KontextError
 from kontext.params import MAX_SEED, SamplingParams
 from kontext.references import load_image

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import kontext
-from kontext.comfy_queue import Server, WebSocket, execution_error, ui_to_api
+from kontext.queue import Server, WebSocket, execution_error, ui_to_api
 from kontext.references import preferred_size
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import kontext
 from kontext.denoiser import Denoiser
-from kontext.vae import to_raw
+from kontext.latents import to_raw
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.skipif(

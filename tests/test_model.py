@@ -16,7 +16,7 @@ from conftest import rel_err
 import kontext
 from kontext.denoiser import Denoiser
 from kontext.errors import InputError
-from kontext.vae import to_model_space
+from kontext.latents import to_model_space
 from nodes.model import ComfyRope, KontextFlux, StandaloneModel, kontext_dit
 
 

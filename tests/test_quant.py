@@ -27,7 +27,7 @@ from kontext.flux_loader import QUANTIZABLE, resident_bytes
 from kontext.ops import Fp4Linear, Fp8Linear, dense_state_dict, linear_formats
 from kontext.quant import fp8
 from kontext.quant.writer import quantize_file
-from kontext.vae import to_raw
+from kontext.latents import to_raw
 
 P = "model.diffusion_model."
 

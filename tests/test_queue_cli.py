@@ -292,7 +292,7 @@ def test_ctrl_c_while_waiting_exits_130_and_says_the_prompt_stays_queued(comfy, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("kontext.cli_queue.wait", interrupted)
+    monkeypatch.setattr("kontext.cli.queue.wait", interrupted)
     rc, err, _ = queue(str(WORKFLOW), "--server", comfy, "--out", str(tmp_path / "out"))
     assert rc == 130 and f"prompt p1 stays queued on {comfy}" in err
 

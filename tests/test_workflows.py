@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kontext import cli, comfy_queue
+from kontext import cli
+from kontext import queue as comfy_queue
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"

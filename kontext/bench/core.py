@@ -3,7 +3,7 @@ same process.
 
 Every model is built directly on the device from seeded generators (no download, no file): parameter i of the DiT
 is drawn from its own generator, so each path sees the same numbers and no path needs a full fp32 copy beside it.
-Per path and mode (kontext.bench_modes: resident, stream, compiled): one denoising step (median of `repeat`
+Per path and mode (kontext.bench.modes: resident, stream, compiled): one denoising step (median of `repeat`
 `Denoiser` calls after `warmup`, CUDA events on a GPU), the warm-up (first call minus that), a whole edit's sampling
 loop (`sample_latent`, random conditioning, no VAE or text encoders), peak GPU memory, the weight bytes the device
 holds for the whole run, and how far the velocity is from the resident mode's. Peers get the dense weights and the
@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import FluxConfig
-from .dit import FluxDiT
-from .errors import InputError
-from .flux_loader import quantized_formats
-from .ids import image_ids, text_ids
-from .offload import BLOCK_LISTS
-from .formats import QUANTIZED, WeightFormat, layer_format
-from .ops import set_formats
-from .vae import to_model_space
-from .weights.loading import set_parameter
+from ..config import FluxConfig
+from ..dit import FluxDiT
+from ..errors import InputError
+from ..flux_loader import quantized_formats
+from ..formats import QUANTIZED, WeightFormat, layer_format
+from ..ids import image_ids, text_ids
+from ..latents import to_model_space
+from ..offload import BLOCK_LISTS
+from ..ops import set_formats
+from ..weights.loading import set_parameter
 
 SIZES = {"full": (FluxConfig.kontext_dev, 1024, 28), "tiny": (FluxConfig.tiny, 256, 4)}  # config, res, steps
 PATHS = ("bf16", "fp8", "fp4")
@@ -237,7 +237,7 @@ def dense_state(s: Setup) -> dict[str, torch.Tensor]:
 def time_diffusers(s: Setup, x: Inputs) -> Peer:
     from diffusers import FluxTransformer2DModel
 
-    from .tiny import diffusers_state
+    from ..tiny import diffusers_state
 
     c = s.config
     with torch.device(s.device), default_dtype(s.dense):
@@ -259,7 +259,7 @@ def time_diffusers(s: Setup, x: Inputs) -> Peer:
 
 
 def tokens_of(z: torch.Tensor) -> torch.Tensor:
-    from .sampling import pack, pad_to_patches
+    from ..sampling import pack, pad_to_patches
 
     return pack(pad_to_patches(z))
 
@@ -321,14 +321,3 @@ def check_paths(text: str) -> list[str]:
 def check_res(res: int) -> None:
     if res < 16 or res % 16:
         raise InputError(f"--res {res}: the edit size must be a positive multiple of 16 pixels (e.g. 256, 1024)")
-
-
-def bench(s: Setup, paths: list[str], comfy_dir: Path | None = None, size_name: str = "",
-          modes: list[str] | None = None, progress: Callable[[dict], None] | None = None) -> dict:
-    """The peers, then every path in every mode (kontext.bench_modes.MODES, all by default); all the numbers
-    (kontext.bench_modes.render draws them as a table). `progress` gets the result so far after each row (the command line
-    rewrites its JSON with it: a run cut short keeps the rows it measured)."""
-    # bench_modes builds on this module's weights and timers: imported here, so that imports go one way.
-    from .bench_modes import run_all
-
-    return run_all(s, paths, comfy_dir, size_name, modes, progress)

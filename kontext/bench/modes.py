@@ -1,4 +1,4 @@
-"""The bench's memory and compile modes, one row's timing, the whole run and its table (kontext.bench holds the
+"""The bench's memory and compile modes, one row's timing, the whole run and its table (kontext.bench.core holds the
 models on random weights, the inputs, the timers and the peers).
 
 - resident: every weight on the device for the whole run.
@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import bench as core
-from .compile import compile_blocks
-from .denoiser import Denoiser
-from .dit import PLAIN, BlockRunner, FluxDiT
-from .errors import InputError
-from .offload import BLOCK_LISTS, StreamingBlocks, prepare
-from .pipeline import sample_latent
+from ..compile import compile_blocks
+from ..denoiser import Denoiser
+from ..dit import PLAIN, BlockRunner, FluxDiT
+from ..errors import InputError
+from ..offload import BLOCK_LISTS, StreamingBlocks, prepare
+from ..pipeline import sample_latent
+from . import core
 
 log = logging.getLogger(__name__)
 MODES = ("resident", "stream", "compiled")  # the order rows run in: resident first, the others are checked on it

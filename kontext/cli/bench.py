@@ -8,7 +8,11 @@ import json
 from pathlib import Path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time the DiT per precision on random weights, against diffusers and ComfyUI",
+                       description="Time one denoising step and a whole edit at each precision on a DiT with random "
+                                   "weights built on the device (no download), with diffusers' and ComfyUI's Flux "
+                                   "on the same weights in the same process.")
     p.add_argument("--size", choices=("full", "tiny"), default="full",
                    help="full: FLUX.1 Kontext [dev] (12B, needs a GPU); tiny: the test size (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available, else cpu)")
@@ -36,10 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a ComfyUI checkout: also time its own Flux model on the same weights")
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="write every number to FILE (rewritten after each row: a run cut short keeps its rows)")
+    p.set_defaults(run=run)
 
 
 def check_numbers(args) -> None:
-    from .errors import InputError
+    from ..errors import InputError
 
     for flag in ("repeat", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -48,8 +53,8 @@ def check_numbers(args) -> None:
         raise InputError(f"--warmup {args.warmup}: must be 0 or more")
 
 
-def run(args) -> int:
-    from .errors import InputError
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
 
     check_numbers(args)
     json_path = args.json.expanduser() if args.json is not None else None
@@ -58,9 +63,9 @@ def run(args) -> int:
 
     import torch  # after the checks: a typo should not wait for torch to import
 
-    from .bench import SIZES, Setup, bench, check_paths, check_res
-    from .bench_modes import check_cuda_graphs, check_memory_limit, check_modes, render
-    from .weights.loading import as_device
+    from ..bench import (SIZES, Setup, bench, check_cuda_graphs, check_memory_limit, check_modes, check_paths,
+                         check_res, render)
+    from ..weights.loading import as_device
 
     paths = check_paths(args.paths)
     make_config, res, steps = SIZES[args.size]

@@ -18,14 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import check_writable, user_path
-from .errors import InputError, KontextError
+from ..errors import InputError, KontextError
+from .common import check_loras, check_writable, lora_spec, user_path
 
 if TYPE_CHECKING:  # imported where used: they import torch
     from PIL import Image
 
-    from .params import SamplingParams
-    from .pipeline import KontextPipeline
+    from ..params import SamplingParams
+    from ..pipeline import KontextPipeline
 
 log = logging.getLogger("kontext")
 
@@ -70,7 +70,7 @@ class EngineChoices:
         return value in self._names()
 
 
-def add_edit(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit images following an instruction (the main job)",
                        description="Edit one or more reference images following a text instruction.")
     p.add_argument("--image", action="append", default=[], type=user_path, metavar="IN",
@@ -125,21 +125,10 @@ def add_edit(sub) -> None:
     s.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="FILE[:STRENGTH]",
                    help="a LoRA (ComfyUI/BFL, kohya, diffusers/PEFT, xlabs layouts) with its strength (default 1); "
                         "repeatable, the LoRAs stack")
-    p.set_defaults(run=run_edit)
+    p.set_defaults(run=run)
 
 
-def lora_spec(text: str) -> tuple[Path, float]:
-    """FILE[:STRENGTH] -> (path, strength); a colon inside the path is kept when no number follows it."""
-    path, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return user_path(path), float(tail)
-        except ValueError:
-            pass
-    return user_path(text), 1.0
-
-
-def run_edit(args) -> int:
+def run(args) -> int:
     """Check every argument, then load the models, edit, and write --out."""
     check_model_source(args)
     params = sampling_params(args)
@@ -163,17 +152,6 @@ def run_edit(args) -> int:
     return 0
 
 
-def check_loras(loras: list[tuple[Path, float]]) -> None:
-    """Each --lora exists and its strength is a finite number (the file itself is read before the DiT loads)."""
-    import math
-
-    for path, strength in loras:
-        if not path.is_file():
-            raise InputError(f"--lora {path}: no such file")
-        if not math.isfinite(strength):
-            raise InputError(f"--lora {path}: the strength must be a finite number, got {strength}")
-
-
 def check_backend(args) -> None:
     """--backend tensorrt: an engine, tensorrt installed, and none of what an engine cannot do."""
     if args.backend != "tensorrt":
@@ -186,8 +164,8 @@ def check_backend(args) -> None:
         raise InputError(f"--engine {args.engine}: no such file or folder")
     if args.tiny:
         raise InputError("--tiny makes new random models, which no engine was built from: drop --tiny")
-    from .tensorrt import check_request
-    from .tensorrt.build import import_tensorrt
+    from ..tensorrt import check_request
+    from ..tensorrt.build import import_tensorrt
 
     check_request(args.device, args.lora, args.dit_offload, args.compile)
 
@@ -207,7 +185,7 @@ def check_model_source(args) -> None:
         raise InputError("give --models DIR, --tiny, or all of --dit --vae --clip-l --t5xxl "
                          f"(missing: {', '.join(missing)})")
     if args.models is not None:
-        from .files import find_model_files
+        from ..files import find_model_files
 
         find_model_files(args.models)  # a missing file is named now (from_models_dir looks again, cheaply)
     for role, flag in FILE_FLAGS.items():  # each file now, not after the 24 GB DiT has loaded
@@ -219,14 +197,14 @@ def check_model_source(args) -> None:
             # The tiny text encoders have tiny vocabularies: only make-tiny's own tokenizers fit them.
             log.warning("--tokenizers is ignored with --tiny (the tiny models bring their own tokenizers)")
         else:
-            from .text.tokenizers import find_tokenizer_dirs
+            from ..text.tokenizers import find_tokenizer_dirs
 
             find_tokenizer_dirs(args.tokenizers)  # a wrong folder is named now, not after the weights load
 
 
 def sampling_params(args) -> SamplingParams:
     """Every number through the engine's one set of rules, in flag names; warnings for options that do nothing."""
-    from .params import CLI, SamplingParams
+    from ..params import CLI, SamplingParams
 
     p = SamplingParams(steps=args.steps, guidance=args.guidance, true_cfg=args.true_cfg, denoise=args.denoise,
                        seed=args.seed, reference_method=args.reference_method, width=args.width,
@@ -254,14 +232,14 @@ def check_images(images: list[Path]) -> None:
 
 def load_references(images: list[Path]) -> list[Image.Image]:
     """The --image files, decoded now: a file that is not a picture should not wait for the models to load."""
-    from .references import load_image
+    from ..references import load_image
 
     return [load_image(img) for img in images]
 
 
 def check_device(device: str | None) -> None:
     if device is not None:
-        from .weights.loading import as_device
+        from ..weights.loading import as_device
 
         as_device(device)
 
@@ -317,7 +295,7 @@ def save_image(image: Image.Image, out: Path, fmt: str) -> None:
 @contextmanager
 def tiny_models() -> Iterator[Path]:
     """make-tiny's models in a temporary folder (TINY_PREFIX*, under TMPDIR), removed afterwards."""
-    from . import tiny
+    from .. import tiny
 
     with tempfile.TemporaryDirectory(prefix=TINY_PREFIX) as tmp:
         tiny.make_tiny(tmp)
@@ -325,7 +303,7 @@ def tiny_models() -> Iterator[Path]:
 
 
 def load_pipeline(args, tiny_dir: Path | None) -> KontextPipeline:
-    from .pipeline import KontextPipeline
+    from ..pipeline import KontextPipeline
 
     device = {"device": args.device, "precision": args.precision, "loras": list(args.lora),
               "dit_offload": args.dit_offload, "compile": args.compile}
@@ -337,6 +315,3 @@ def load_pipeline(args, tiny_dir: Path | None) -> KontextPipeline:
         return KontextPipeline.from_models_dir(args.models, tokenizers=args.tokenizers, **device)
     return KontextPipeline.from_files(args.dit, args.vae, args.clip_l, args.t5xxl, tokenizers=args.tokenizers,
                                       **device)
-
-
-# ---------------------------------------------------------------------------------------------- make-tiny, download

@@ -1,15 +1,17 @@
-"""The TensorRT verbs: `export-onnx` (a DiT file -> an ONNX graph) and `build-engine` (graph -> engine + sidecar).
+"""The `export-onnx` verb (a DiT file -> an ONNX graph for TensorRT; `build-engine` turns it into an engine).
 
     python -m kontext export-onnx --dit flux1-kontext-dev.safetensors --out kontext.onnx [--precision bf16|fp8|fp4]
-    python -m kontext build-engine --onnx kontext.onnx --out ~/ComfyUI/models/tensorrt
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
+from .common import check_loras, lora_spec, user_path
 
-def add_export(sub, user_path) -> None:
+
+def add_parser(sub) -> None:
     p = sub.add_parser("export-onnx", help="export the DiT as an ONNX graph for TensorRT",
                        description="Export the DiT (Kontext's dynamic token axis: the target alone or with one or "
                                    "two references at every preferred resolution; 256 to 512 text tokens) as ONNX, "
@@ -23,35 +25,17 @@ def add_export(sub, user_path) -> None:
     p.add_argument("--max-references", type=int, default=2, help="references the graph serves (default: 2)")
     p.add_argument("--max-batch", type=int, default=2, help="largest batch (default: 2, true CFG in one call)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and its .data file) if they exist")
-    p.set_defaults(run=run_export)
+    p.set_defaults(run=run)
 
 
-def add_build(sub, user_path) -> None:
-    p = sub.add_parser("build-engine", help="build a TensorRT engine from an exported graph (needs tensorrt)",
-                       description="Build a strongly typed TensorRT engine with one optimisation profile per "
-                                   "reference count, a timing cache, and a JSON sidecar (source hash, precision, "
-                                   "profiles, TensorRT version, GPU).")
-    p.add_argument("--onnx", type=user_path, required=True, help="the graph written by export-onnx")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", type=user_path, help="the engine folder; engines for other GPUs, TensorRT versions "
-                                                       "or models live side by side in it")
-    where.add_argument("--comfyui", type=user_path, metavar="DIR",
-                       help="a ComfyUI folder: the engine goes to its models/tensorrt, where the loader node finds it")
-    p.add_argument("--workspace-gb", type=float, default=None, help="TensorRT's workspace limit in GB")
-    p.add_argument("--refittable", action="store_true", help="build with TensorRT's REFIT flag")
-    p.add_argument("--rebuild", action="store_true", help="build again even if the cache has this engine")
-    p.set_defaults(run=run_build)
-
-
-def run_export(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli_edit import check_loras, lora_spec
-    from .errors import InputError
-    from .flux_loader import load_dit
-    from .precision import DENSE
-    from .tensorrt.export import check_output, export_onnx
-    from .tensorrt.profiles import kontext_profiles
+    from ..errors import InputError
+    from ..flux_loader import load_dit
+    from ..precision import DENSE
+    from ..tensorrt.export import check_output, export_onnx
+    from ..tensorrt.profiles import kontext_profiles
 
     out: Path = args.out
     if out.suffix.lower() != ".onnx":
@@ -70,22 +54,4 @@ def run_export(args) -> int:
     data = f" + {done.data_path.name}" if done.data_path else ""
     print(f"wrote {out}{data} ({done.precision}, opset {done.opset}, {done.bytes / 1e9:.2f} GB) in "
           f"{time.perf_counter() - t0:.0f}s (export {done.seconds:.0f}s)")
-    return 0
-
-
-def run_build(args) -> int:
-    from .errors import InputError
-    from .tensorrt.build import build_engine
-
-    if args.workspace_gb is not None and not args.workspace_gb > 0:
-        raise InputError(f"--workspace-gb must be positive, got {args.workspace_gb}")
-    out = args.out
-    if args.comfyui is not None:
-        if not (args.comfyui / "models").is_dir():
-            raise InputError(f"--comfyui {args.comfyui}: not a ComfyUI folder (it has no models/ folder)")
-        out = args.comfyui / "models" / "tensorrt"
-    t0 = time.perf_counter()
-    plan = build_engine(args.onnx, out, refittable=args.refittable, workspace_gb=args.workspace_gb,
-                        rebuild=args.rebuild, verbose=args.verbose)
-    print(f"engine {plan} ({plan.stat().st_size / 1e9:.2f} GB) ready in {time.perf_counter() - t0:.0f}s")
     return 0

@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="write a DiT as fp8 or NVFP4 in ComfyUI's mixed-precision layout",
+                       description="Quantise a Kontext DiT to fp8 or fp4 (NVFP4), streaming tensor by tensor; the "
+                                   "file loads in ComfyUI's UNETLoader and in this pack.")
     p.add_argument("--dit", type=Path, required=True,
                    help="the DiT to quantise: flux1-kontext-dev.safetensors, a diffusers folder, or any layout "
                         "`edit --dit` reads")
@@ -15,11 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp8: float8 e4m3 with a scale per tensor (about 12 GB at full size); fp4: NVFP4 (about "
                         "7 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=run)
 
 
-def run(args) -> int:
-    from .errors import InputError
-    from .quant.writer import quantize_file
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..quant.writer import quantize_file
 
     out: Path = args.out.expanduser()
     if out.suffix.lower() != ".safetensors":

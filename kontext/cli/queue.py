@@ -1,8 +1,8 @@
-"""The `queue` verb: `python -m kontext queue WORKFLOW.json --server URL --out DIR` (see kontext.comfy_queue).
+"""The `queue` verb: `python -m kontext queue WORKFLOW.json --server URL --out DIR` (see kontext.queue).
 
 Every input (the workflow file, the images, the options, --out) is checked before the server is contacted, and
 nothing is written to disk before the server has been found to be ComfyUI. Mistakes and server-side failures raise
-KontextErrors, which the dispatcher in kontext.cli prints as one "error: ..." line with exit status 2.
+KontextErrors, which the dispatcher (kontext.cli.common) prints as one "error: ..." line with exit status 2.
 """
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import sys
 import uuid
 from pathlib import Path
 
-from .comfy_queue import (REQUEST_TIMEOUT, QueueError, Server, WebSocket, download, execution_error,
-                          is_ui_format, patch, ran_out_of_memory, read_workflow, server_url, to_api, wait,
-                          was_interrupted)
-from .errors import InputError
+from ..errors import InputError
+from ..queue import (REQUEST_TIMEOUT, QueueError, Server, WebSocket, download, execution_error, is_ui_format, patch,
+                     ran_out_of_memory, read_workflow, server_url, to_api, wait, was_interrupted)
 
 SEED_LIMIT = 2**64  # ComfyUI's seed inputs take 0 .. 2**64 - 1
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_parser(sub) -> None:
+    p = sub.add_parser("queue", help="queue a workflow on a ComfyUI server and download its images")
     p.add_argument("workflow", type=Path,
                    help="workflow JSON: API format (workflows/api/*.json) or a simple UI-format file")
     p.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI's address (default %(default)s)")
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the result, from the first request on (default %(default)g); each "
                         f"request waits at most this long for an answer, and at most {REQUEST_TIMEOUT:g} s")
     p.add_argument("--previews", action="store_true", help="also download PreviewImage (temp) images")
+    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,13 +158,3 @@ def report_failure(entry: dict, server: Server) -> int:
         print(f"{problem} on {server.url}", file=sys.stderr)
         return 130
     raise QueueError(f"the workflow failed on {server.url}: {problem}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import main as dispatch  # the same error handling and exit statuses as `python -m kontext queue`
-
-    return dispatch(["queue", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,8 +2,8 @@
 
 Tests and the `--tiny` smoke run use them in place of the 24 GB originals. The writers live in the submodules `dit`,
 `vae`, `text` (CLIP-L and T5-XXL) and `tokenizers`, all writing through `io`; they import the model modules, never
-the reverse. This module names the files and imports the writers on use, so that reading a name (kontext.files) is
-cheap.
+the reverse. The file names come from kontext.release (re-exported here under their old names); this module imports
+the writers on use, so that `import kontext.tiny` stays cheap.
 """
 from __future__ import annotations
 
@@ -12,22 +12,22 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..release import (FOLDERS, TINY_CLIP_L, TINY_DIT, TINY_DIT_DIFFUSERS, TINY_DIT_FP8, TINY_T5XXL, TINY_VAE,
+                       TOKENIZERS_FOLDER)
+
 if TYPE_CHECKING:
-    from .dit import diffusers_state, fp8_representable, tiny_dit_state, write_tiny_dit
+    from .dit import COMFY_PREFIX, diffusers_state, fp8_representable, tiny_dit_state, write_tiny_dit
 
 log = logging.getLogger(__name__)
 
-DIT_NAME = "kontext-tiny.safetensors"
-DIT_FP8_NAME = "kontext-tiny-fp8_scaled.safetensors"
-DIT_DIFFUSERS_NAME = "kontext-tiny-diffusers"
-VAE_NAME = "ae-tiny.safetensors"
-CLIP_NAME = "clip_l-tiny.safetensors"
-T5_NAME = "t5xxl-tiny.safetensors"
-COMFY_PREFIX = "model.diffusion_model."
+# The names under which this package has always offered them.
+DIT_NAME, DIT_FP8_NAME, DIT_DIFFUSERS_NAME = TINY_DIT, TINY_DIT_FP8, TINY_DIT_DIFFUSERS
+VAE_NAME, CLIP_NAME, T5_NAME = TINY_VAE, TINY_CLIP_L, TINY_T5XXL
 
-_EXPORTS = {"write_tiny_dit": "dit", "diffusers_state": "dit", "fp8_representable": "dit", "tiny_dit_state": "dit"}
+_EXPORTS = {"write_tiny_dit": "dit", "diffusers_state": "dit", "fp8_representable": "dit", "tiny_dit_state": "dit",
+            "COMFY_PREFIX": "dit"}
 __all__ = ["make_tiny", "DIT_NAME", "DIT_FP8_NAME", "DIT_DIFFUSERS_NAME", "VAE_NAME", "CLIP_NAME", "T5_NAME",
-           "COMFY_PREFIX", *_EXPORTS]
+           "write_tiny_dit", "diffusers_state", "fp8_representable", "tiny_dit_state", "COMFY_PREFIX"]
 
 
 def __getattr__(name: str):
@@ -46,10 +46,10 @@ def make_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     models = Path(out_dir)
     models.mkdir(parents=True, exist_ok=True)
     paths = write_tiny_dit(models, seed)
-    paths["vae"] = write_tiny_vae(models / "vae" / VAE_NAME, seed)
-    paths["clip_l"] = write_tiny_clip_l(models / "text_encoders" / CLIP_NAME, seed)
-    paths["t5xxl"] = write_tiny_t5xxl(models / "text_encoders" / T5_NAME, seed)
-    paths["tokenizers"] = write_tiny_tokenizers(models / "tokenizers")
+    paths["vae"] = write_tiny_vae(models / FOLDERS["vae"][0] / VAE_NAME, seed)
+    paths["clip_l"] = write_tiny_clip_l(models / FOLDERS["clip_l"][0] / CLIP_NAME, seed)
+    paths["t5xxl"] = write_tiny_t5xxl(models / FOLDERS["t5xxl"][0] / T5_NAME, seed)
+    paths["tokenizers"] = write_tiny_tokenizers(models / TOKENIZERS_FOLDER)
     for p in models.rglob("*"):  # safetensors writes 0600; a ComfyUI server may run as another user
         p.chmod(0o755 if p.is_dir() else 0o644)
     log.info("wrote tiny models to %s", models)

@@ -14,8 +14,10 @@ import torch
 from ..config import FluxConfig
 from ..dit import FluxDiT
 from ..flux_keys import diffusers_plan, split_sizes
-from . import COMFY_PREFIX, DIT_DIFFUSERS_NAME, DIT_FP8_NAME, DIT_NAME
+from ..release import FOLDERS, TINY_DIT, TINY_DIT_DIFFUSERS, TINY_DIT_FP8
 from .io import save, save_sharded
+
+COMFY_PREFIX = "model.diffusion_model."  # ComfyUI's key prefix in its fp8_scaled checkpoints
 
 
 def fp8_representable(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +90,10 @@ def diffusers_config(config: FluxConfig) -> dict:
 def write_tiny_dit(models: Path, seed: int = 0, config: FluxConfig | None = None) -> dict[str, Path]:
     """The tiny DiT in the three release layouts under `models/diffusion_models/`."""
     config = config or FluxConfig.tiny()
-    folder = Path(models) / "diffusion_models"
+    folder = Path(models) / FOLDERS["dit"][0]
     state = tiny_dit_state(config, seed)
     meta = {"format": "pt", "kontext_config": config.to_json()}
-    paths = {"dit": folder / DIT_NAME, "dit_fp8": folder / DIT_FP8_NAME, "dit_diffusers": folder / DIT_DIFFUSERS_NAME}
+    paths = {"dit": folder / TINY_DIT, "dit_fp8": folder / TINY_DIT_FP8, "dit_diffusers": folder / TINY_DIT_DIFFUSERS}
     save(state, paths["dit"], meta)
     save(fp8_scaled_state(state), paths["dit_fp8"], meta)
     save_sharded(diffusers_state(state, config), paths["dit_diffusers"], "diffusion_pytorch_model")
