@@ -33,8 +33,6 @@ ALLOWED_EDGES: dict[tuple[str, str], str] = {
     ("kontext.flux_loader", "kontext.tensorrt"): "TensorRT backend chosen by name in the loader",
     ("kontext.flux_loader", "kontext.tensorrt.runtime"): "TensorRT backend chosen by name in the loader",
     ("kontext.pipeline", "kontext.tensorrt"): "TensorRT backend chosen by name in the pipeline",
-    # A cycle: the checkpoint reader and the quantised-layout reader import each other.
-    ("kontext.weights.checkpoint", "kontext.weights.quantized"): "checkpoint <-> quantized cycle",
 }
 
 
